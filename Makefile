@@ -1,0 +1,41 @@
+# imgsearch: every target installs what it needs; nothing is assumed on the machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CACHE := $(HOME)/.cache/imgsearch
+EXTRAS ?= cpu,dev
+PORT ?= 8080
+comma := ,
+STAMP = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install data demo test bench lint train-demo clean
+
+# The stamp depends on the package metadata, so a second run with nothing changed is a no-op.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] >= (3, 11), sys.version' || { echo "imgsearch needs Python 3.11+"; exit 1; }
+	$(PIP) install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@touch $@
+
+install: $(STAMP)
+
+data: install
+	@bash scripts/fetch_data.sh "$(CACHE)" "$(PY)"
+
+demo: install data
+	$(VENV)/bin/imgsearch demo --port $(PORT)
+
+test: install data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: data
+	@$(MAKE) --no-print-directory install EXTRAS=cpu,dev,bench
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-data

@@ -1,0 +1,150 @@
+"""The ``imgsearch`` console command: argument parsing and dispatch, nothing else.
+
+Each subcommand names the plain function that does the work as
+``"module:function"``; the module is imported only when that subcommand runs,
+so ``imgsearch --help`` never loads torch or faiss. A handler takes the parsed
+``argparse.Namespace`` and returns an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from imgsearch.errors import ImgsearchError, NotImplementedYet
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
+
+# Subcommands whose issue has not landed point at None.
+HANDLERS: dict[str, str | None] = {
+    "demo": "serve.demo:run_demo_command",
+    "embed": None,
+    "build": None,
+    "search": None,
+    "serve": None,
+    "dedup": None,
+    "rebuild": None,
+    "train": None,
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _recall(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--factory", default="auto", help="faiss index_factory string, or 'auto' (default)")
+    p.add_argument("--shards", type=_positive_int, default=1, help="number of id-range shards (default 1)")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="use GPUs when present (default auto)")
+    p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 that auto-tuning must reach")
+    p.add_argument("--metric", choices=["l2", "ip"], default=None, help="distance (default: ip for the store, l2 for --vectors)")
+    p.add_argument("--memory-budget", default=None, help="RAM budget for the index, e.g. 2GB (used by --factory auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsearch", description="Image similarity search: embed, index, serve.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="real sample images -> index -> server + web page")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workdir", default="demo-data", help="where the demo catalog, store and index go")
+    p.add_argument("--no-serve", action="store_true", help="build everything, then exit instead of serving")
+
+    p = sub.add_parser("embed", help="ingest a catalog: detect, embed, store vectors and metadata")
+    p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
+    p.add_argument("--store", required=True, metavar="STORE")
+    p.add_argument("--model", metavar="CKPT", default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+
+    p = sub.add_parser("build", help="build an index version from the store or a .npy of vectors")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", metavar="STORE")
+    src.add_argument("--vectors", metavar="X.npy")
+    p.add_argument("--ids", metavar="IDS.npy", default=None)
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    _add_build_options(p)
+
+    p = sub.add_parser("search", help="search the live index with images or query vectors")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    p.add_argument("--store", metavar="STORE", default=None)
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--vectors", metavar="Q.npy", default=None)
+    p.add_argument("-k", type=_positive_int, default=10)
+    p.add_argument("--output", metavar="FILE", default=None)
+
+    p = sub.add_parser("serve", help="serve the HTTP API and web page")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    p.add_argument("--store", required=True, metavar="STORE")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=_positive_int, default=1)
+
+    p = sub.add_parser("dedup", help="find groups of near-duplicate products")
+    p.add_argument("--store", required=True, metavar="STORE")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--output", required=True, metavar="GROUPS.jsonl")
+
+    p = sub.add_parser("rebuild", help="cron entry: embed new/changed -> build -> validate -> publish")
+    p.add_argument("catalog", metavar="CATALOG")
+    p.add_argument("--store", required=True, metavar="STORE")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    p.add_argument("--model", metavar="CKPT", default=None)
+
+    p = sub.add_parser("train", help="train the detector and embedding network on a catalog")
+    p.add_argument("catalog", metavar="CATALOG")
+    p.add_argument("--output", required=True, metavar="CKPT")
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--resume", metavar="CKPT", default=None)
+    return parser
+
+
+def _resolve(command: str):
+    target = HANDLERS.get(command)
+    if target is None:
+        raise NotImplementedYet(f"imgsearch {command}: not implemented yet")
+    module_name, _, function_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(_resolve(args.command)(args) or EXIT_OK)
+    except ImgsearchError as exc:
+        print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print(f"imgsearch {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
