@@ -1,0 +1,463 @@
+"""Reading a catalog (CSV or JSON Lines) and ingesting it into a :class:`CatalogStore`.
+
+Ingest is resumable and idempotent: each batch of records and vectors is one
+transaction, and an image whose bytes hash as before is not embedded again, so
+re-running after a crash (or on an unchanged catalog) only does what is left.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+from PIL import Image
+
+from embed.image_io import DEFAULT_MAX_PIXELS, decode_image
+from imgsearch.errors import BadInput, JobFailed
+from index.store import CatalogStore, ItemRecord
+
+log = logging.getLogger(__name__)
+
+REJECTS_FILE = "rejects.jsonl"
+CSV_SUFFIXES = (".csv",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+REQUIRED_COLUMNS = ("product_id", "image")
+# Non-TTY progress: one log line at most this often, so cron logs stay readable.
+PROGRESS_LOG_SECONDS = 10.0
+DELETE_CHUNK = 10_000
+
+EmbedFn = Callable[[list[Image.Image]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogRow:
+    line: int  # 1-based line of the file where the row starts
+    product_id: str
+    image: str
+    category: str | None
+    metadata: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    line: int
+    product_id: str | None
+    image: str | None
+    reason: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_catalog(path: str | os.PathLike) -> Iterator[CatalogRow | Reject]:
+    """Stream the rows of a catalog file, good ones as :class:`CatalogRow`, bad ones as :class:`Reject`.
+
+    Line numbers: CSV data rows start at line 2 (after the header), JSON Lines at line 1.
+    Raises :class:`BadInput` for a catalog that cannot be read at all (missing file,
+    unknown suffix, CSV header without the required columns).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"catalog {str(path)!r} does not exist or is not a file")
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        return _read_csv(path)
+    if suffix in JSONL_SUFFIXES:
+        return _read_jsonl(path)
+    raise BadInput(f"catalog {str(path)!r} has suffix {suffix!r}; expected one of {', '.join(CSV_SUFFIXES + JSONL_SUFFIXES)}")
+
+
+def _read_csv(path: Path) -> Iterator[CatalogRow | Reject]:
+    # surrogateescape: a bad byte rejects its row instead of aborting the whole file.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        header = _read_csv_header(reader, path)
+        end_of_previous = reader.line_num
+        try:
+            for cells in reader:
+                line, end_of_previous = end_of_previous + 1, reader.line_num
+                if not cells:  # blank line
+                    continue
+                if len(cells) > len(header):
+                    yield Reject(line, None, None, f"row has {len(cells)} fields, the header has {len(header)}")
+                    continue
+                yield _row_from_fields(line, dict(zip(header, cells)))
+        except csv.Error as exc:
+            raise BadInput(f"catalog {str(path)!r} line {reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _read_csv_header(reader, path: Path) -> list[str]:
+    for cells in reader:
+        if cells:
+            header = [name.strip() for name in cells]
+            missing = [name for name in REQUIRED_COLUMNS if name not in header]
+            if missing:
+                raise BadInput(f"catalog {str(path)!r} header {header!r} lacks required column(s) {missing!r}")
+            return header
+    raise BadInput(f"catalog {str(path)!r} is empty (no header row)")
+
+
+def _read_jsonl(path: Path) -> Iterator[CatalogRow | Reject]:
+    with path.open("rb") as handle:
+        for line, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield Reject(line, None, None, f"not valid UTF-8: {exc}")
+                continue
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield Reject(line, None, None, f"invalid JSON: {exc}")
+                continue
+            if not isinstance(fields, dict):
+                yield Reject(line, None, None, f"not a JSON object: {text.strip()[:80]!r}")
+                continue
+            yield _row_from_fields(line, fields)
+
+
+def _row_from_fields(line: int, fields: dict[str, Any]) -> CatalogRow | Reject:
+    product_id = _as_text(fields.get("product_id"))
+    image = _as_text(fields.get("image"))
+    if _has_bad_bytes(fields):
+        return Reject(line, product_id, image, "not valid UTF-8")
+    if product_id is None or not product_id.strip():
+        return Reject(line, product_id, image, f"empty product_id: {fields.get('product_id')!r}")
+    if image is None or not image.strip():
+        return Reject(line, product_id, image, f"empty image path: {fields.get('image')!r}")
+    category = fields.get("category")
+    category = None if category is None or category == "" else str(category)
+    metadata = {key: value for key, value in fields.items() if key not in ("product_id", "image", "category")}
+    return CatalogRow(line, product_id, image, category, metadata)
+
+
+def _as_text(value: Any) -> str | None:
+    """Strings as they are; integers (JSON ids written as numbers) as their decimal text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _has_bad_bytes(fields: dict[str, Any]) -> bool:
+    texts = [key for key in fields if isinstance(key, str)] + [value for value in fields.values() if isinstance(value, str)]
+    return any(_is_surrogate_escaped(text) for text in texts)
+
+
+def _is_surrogate_escaped(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- ingest
+
+
+@dataclasses.dataclass
+class IngestSummary:
+    added: int = 0  # new items, and deleted ones that came back
+    changed: int = 0  # image bytes changed: re-embedded
+    unchanged: int = 0  # nothing to do
+    updated: int = 0  # same image, new category/metadata/path: record rewritten, not embedded
+    deleted: int = 0  # stored items absent from this catalog, now tombstoned
+    rejected: int = 0
+    seconds: float = 0.0
+    rejects_path: str | None = None
+    added_embedded: int = 0  # the part of ``added`` that needed embedding
+
+    @property
+    def embedded(self) -> int:
+        return self.added_embedded + self.changed
+
+    def counts(self) -> str:
+        return (f"added {self.added}, changed {self.changed}, unchanged {self.unchanged}, updated {self.updated}, "
+                f"deleted {self.deleted}, rejected {self.rejected}")
+
+    def line(self) -> str:
+        text = self.counts()
+        if self.rejected:
+            text += f" (see {self.rejects_path})"
+        return text + f" in {self.seconds:.1f} s"
+
+
+@dataclasses.dataclass
+class _PendingEmbed:
+    record: ItemRecord
+    image: Image.Image
+    is_new: bool  # counts as added (new or revived), else as changed
+
+
+def ingest_catalog(
+    catalog_path: str | os.PathLike,
+    store: CatalogStore,
+    embed_fn: EmbedFn,
+    batch_size: int = 64,
+    progress: bool = True,
+    *,
+    mark_missing_deleted: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> IngestSummary:
+    """Bring ``store`` in line with the catalog: embed new and changed images with ``embed_fn``
+    (list of RGB images -> float32 (n, dim)), rewrite changed records, and (with
+    ``mark_missing_deleted``) tombstone stored items the catalog no longer lists.
+
+    Bad rows go to ``STORE/rejects.jsonl`` (replaced at the end of each run) and the job goes on.
+    """
+    if batch_size < 1:
+        raise BadInput(f"batch_size {batch_size!r} must be >= 1")
+    if store.readonly:
+        raise BadInput(f"store {str(store.path)!r} is open read-only; ingest needs CatalogStore.create_or_open")
+    job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels)
+    return job.run(mark_missing_deleted)
+
+
+class _Ingest:
+    def __init__(self, catalog_path: Path, store: CatalogStore, embed_fn: EmbedFn, batch_size: int, progress: bool, max_pixels: int):
+        self.catalog_path = catalog_path
+        self.catalog_dir = catalog_path.resolve().parent
+        self.store = store
+        self.embed_fn = embed_fn
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self.summary = IngestSummary(rejects_path=str(store.path / REJECTS_FILE))
+        self.rows_read = 0
+        # Ids of stored items this catalog lists (rejected rows included: a bad row never
+        # costs the item stored from an earlier good run). Also catches duplicate rows.
+        self.seen_ids: set[int] = set()
+        self.pending_embeds: list[_PendingEmbed] = []
+        self.pending_new_pairs: dict[tuple[str, str], int] = {}  # not yet stored -> line
+        self.pending_updates: list[ItemRecord] = []
+        self.progress = _Progress(progress, catalog_path)
+
+    def run(self, mark_missing_deleted: bool) -> IngestSummary:
+        started = time.monotonic()
+        rows = read_catalog(self.catalog_path)
+        try:
+            with _RejectsWriter(self.store.path / REJECTS_FILE) as rejects:
+                self.rejects = rejects
+                for chunk in _chunked(rows, self.batch_size):
+                    self._process_chunk(chunk)
+                    self._flush(final=False)
+                    self.progress.update(len(chunk), self.summary)
+                self._flush(final=True)
+                if mark_missing_deleted:
+                    self._delete_missing()
+                rejects.commit()
+        finally:
+            self.progress.close_bar()
+        self.summary.seconds = time.monotonic() - started
+        self.progress.log_done(self.summary)
+        return self.summary
+
+    def _process_chunk(self, chunk: list[CatalogRow | Reject]) -> None:
+        self.rows_read += len(chunk)
+        rows = [row for row in chunk if isinstance(row, CatalogRow)]
+        stored = iter(self._lookup_stored(rows))
+        for row in chunk:
+            if isinstance(row, Reject):
+                self._reject(row)
+            else:
+                self._process_row(row, *next(stored))
+
+    def _lookup_stored(self, rows: list[CatalogRow]) -> list[tuple[ItemRecord | None, bool]]:
+        """(stored record or None, whether it has a vector) for each row."""
+        records = self.store.find_records((row.product_id, row.image) for row in rows)
+        found_ids = [record.id for record in records if record is not None]
+        has_vector = dict(zip(found_ids, self.store.has_vectors(found_ids)))
+        return [(record, record is not None and has_vector[record.id]) for record in records]
+
+    def _process_row(self, row: CatalogRow, old: ItemRecord | None, old_has_vector: bool) -> None:
+        duplicate_of = self._duplicate_of(row, old)
+        if duplicate_of is not None:
+            self._reject(Reject(row.line, row.product_id, row.image, f"duplicate of {duplicate_of}: same product_id and image"))
+            return
+        path = (self.catalog_dir / row.image).resolve()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            self._reject(Reject(row.line, row.product_id, row.image, f"missing file: {str(path)!r}"))
+            return
+        except OSError as exc:
+            self._reject(Reject(row.line, row.product_id, row.image, f"cannot read {str(path)!r}: {exc.strerror or exc}"))
+            return
+        record = ItemRecord(product_id=row.product_id, image=row.image, path=str(path), category=row.category,
+                            metadata=row.metadata, content_hash=hashlib.sha256(data).hexdigest())
+        if old is not None and old_has_vector and old.content_hash == record.content_hash:
+            self._keep_vector(record, old)
+            return
+        try:
+            image = decode_image(data, max_pixels=self.max_pixels, name=str(path))
+        except BadInput as exc:
+            self._reject(Reject(row.line, row.product_id, row.image, f"{exc.code}: {exc}"))
+            return
+        self.pending_embeds.append(_PendingEmbed(record, image, is_new=old is None or old.deleted))
+        if old is None:
+            self.pending_new_pairs[(row.product_id, row.image)] = row.line
+
+    def _duplicate_of(self, row: CatalogRow, old: ItemRecord | None) -> str | None:
+        if old is None:
+            line = self.pending_new_pairs.get((row.product_id, row.image))
+            return None if line is None else f"line {line}"
+        if old.id in self.seen_ids:
+            return "an earlier row"
+        self.seen_ids.add(old.id)
+        return None
+
+    def _keep_vector(self, record: ItemRecord, old: ItemRecord) -> None:
+        if old.same_content_and_fields(record):
+            self.summary.unchanged += 1
+        elif old.deleted:
+            self.pending_updates.append(record)
+            self.summary.added += 1
+        else:
+            self.pending_updates.append(record)
+            self.summary.updated += 1
+
+    def _reject(self, reject: Reject) -> None:
+        self.rejects.write(reject)
+        self.summary.rejected += 1
+
+    def _flush(self, *, final: bool) -> None:
+        """Store pending updates, and embed whole batches (the last, partial one when ``final``).
+
+        Only called between chunks, so every chunk's lookups see all earlier rows stored."""
+        if self.pending_updates:
+            self.store.put(self.pending_updates)
+            self.pending_updates = []
+        while len(self.pending_embeds) >= self.batch_size or (final and self.pending_embeds):
+            batch, self.pending_embeds = self.pending_embeds[: self.batch_size], self.pending_embeds[self.batch_size:]
+            self._embed_and_store(batch)
+
+    def _embed_and_store(self, batch: list[_PendingEmbed]) -> None:
+        vectors = self._embed([pending.image for pending in batch])
+        stored = self.store.put([pending.record for pending in batch], vectors)
+        for pending, record in zip(batch, stored):
+            self.seen_ids.add(record.id)
+            self.pending_new_pairs.pop((record.product_id, record.image), None)
+            if pending.is_new:
+                self.summary.added += 1
+                self.summary.added_embedded += 1
+            else:
+                self.summary.changed += 1
+
+    def _embed(self, images: list[Image.Image]) -> np.ndarray:
+        vectors = self.embed_fn(images)
+        shape = getattr(vectors, "shape", None)
+        if shape is None or len(shape) != 2 or shape[0] != len(images):
+            raise JobFailed(f"embed_fn returned shape {shape} for {len(images)} images; expected ({len(images)}, dim)")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise JobFailed(f"embed_fn returned NaN/inf values for a batch of {len(images)} images")
+        return vectors
+
+    def _delete_missing(self) -> None:
+        if self.rows_read == 0:
+            # An empty file is far likelier a mistake than a request to delete everything.
+            log.warning("catalog %s has no rows; not deleting the %d stored items", self.catalog_path, self.store.stats()["live"])
+            return
+        missing: list[int] = []
+        for live_id in self.store.iter_live_ids():
+            if live_id not in self.seen_ids:
+                missing.append(live_id)
+            if len(missing) >= DELETE_CHUNK:
+                self.summary.deleted += self.store.mark_deleted(missing)
+                missing = []
+        self.summary.deleted += self.store.mark_deleted(missing)
+
+
+def _chunked(rows: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------- side outputs
+
+
+class _RejectsWriter:
+    """Streams rejects to a temp file beside the store; :meth:`commit` replaces ``rejects.jsonl``
+    atomically, so the file always holds exactly one whole run's rejects."""
+
+    def __init__(self, final_path: Path):
+        self.final_path = final_path
+        self.temp_path = final_path.with_name(f".{final_path.name}.{os.getpid()}.tmp")
+        self._handle = None
+
+    def __enter__(self) -> Self:
+        self._remove_stale_temps()
+        self._handle = self.temp_path.open("w", encoding="utf-8")
+        return self
+
+    def _remove_stale_temps(self) -> None:
+        # Left by killed runs; safe to remove because the caller holds the store's write lock.
+        for stale in self.final_path.parent.glob(f".{self.final_path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def write(self, reject: Reject) -> None:
+        self._handle.write(reject.to_json() + "\n")
+
+    def commit(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.temp_path, self.final_path)
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+class _Progress:
+    """tqdm on a terminal, a plain log line every few seconds otherwise, nothing when disabled."""
+
+    def __init__(self, enabled: bool, catalog_path: Path):
+        self.enabled = enabled
+        self.catalog_path = catalog_path
+        self.rows = 0
+        self.last_log = time.monotonic()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=f"ingest {catalog_path.name}", unit="row", dynamic_ncols=True)
+
+    def update(self, rows: int, summary: IngestSummary) -> None:
+        self.rows += rows
+        if self.bar is not None:
+            self.bar.update(rows)
+            self.bar.set_postfix(embedded=summary.embedded, rejected=summary.rejected, refresh=False)
+        elif self.enabled and time.monotonic() - self.last_log >= PROGRESS_LOG_SECONDS:
+            self.last_log = time.monotonic()
+            log.info("ingest %s: %d rows read; %s", self.catalog_path, self.rows, summary.counts())
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def log_done(self, summary: IngestSummary) -> None:
+        if self.enabled:
+            log.info("ingest %s done: %d rows; %s", self.catalog_path, self.rows, summary.line())

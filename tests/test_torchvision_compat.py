@@ -1,0 +1,97 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from embed.torchvision_compat import USING_FALLBACK_OPS, nms_reference_kernel, torchvision
+
+
+def plain_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
+    """Textbook greedy NMS, written independently of the kernel under test."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    keep: list[int] = []
+    for i in order:
+        ok = True
+        for j in keep:
+            xx1, yy1 = max(boxes[i][0], boxes[j][0]), max(boxes[i][1], boxes[j][1])
+            xx2, yy2 = min(boxes[i][2], boxes[j][2]), min(boxes[i][3], boxes[j][3])
+            inter = max(0.0, xx2 - xx1) * max(0.0, yy2 - yy1)
+            area_i = (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])
+            area_j = (boxes[j][2] - boxes[j][0]) * (boxes[j][3] - boxes[j][1])
+            if inter / (area_i + area_j - inter) > threshold:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def random_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    xy = rng.uniform(0, 100, size=(n, 2))
+    wh = rng.uniform(1, 40, size=(n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    scores = rng.permutation(n).astype(np.float32) / n  # distinct: the order is unambiguous
+    return boxes, scores
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_torchvision_nms_matches_plain_reference(seed, threshold):
+    rng = np.random.default_rng(seed)
+    boxes, scores = random_boxes(rng, int(rng.integers(1, 80)))
+    kept = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold)
+    assert kept.dtype == torch.int64
+    assert kept.tolist() == plain_nms(boxes, scores, threshold)
+
+
+def test_batched_nms_keeps_overlapping_boxes_of_different_classes():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    kept = torchvision.ops.batched_nms(boxes, scores, torch.tensor([0, 0, 1]), 0.5)
+    assert kept.tolist() == [0, 2]
+
+
+def test_empty_input_gives_empty_int64():
+    kept = nms_reference_kernel(torch.zeros((0, 4)), torch.zeros((0,)), 0.5)
+    assert kept.shape == (0,) and kept.dtype == torch.int64
+
+
+def test_bad_shapes_are_reported():
+    with pytest.raises(ValueError, match=r"N x 4.*\(3, 3\)"):
+        nms_reference_kernel(torch.zeros((3, 3)), torch.zeros((3,)), 0.5)
+
+
+def test_detection_models_build_on_this_torch():
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=2)
+    model.eval()
+    with torch.inference_mode():
+        (out,) = model([torch.rand(3, 160, 200)])
+    assert out["boxes"].shape[1] == 4
+
+
+def test_compiled_ops_present_means_nothing_is_registered():
+    # A fresh interpreter where torchvision was never imported: told that its compiled
+    # library loaded, the layer registers nothing; told that it did not, it registers nms.
+    code = (
+        "from embed.torchvision_ops import install_fallback_ops, op_exists\n"
+        "assert not op_exists('torchvision', 'nms')\n"
+        "assert install_fallback_ops(True) is False\n"
+        "assert not op_exists('torchvision', 'nms')\n"
+        "assert install_fallback_ops(False) is True\n"
+        "assert op_exists('torchvision', 'nms') and op_exists('torchvision', 'qnms')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_fallback_matches_environment():
+    # In this CPU-only environment the CUDA-built _C cannot load, so the fallback must be active;
+    # with a matching torchvision build it must not be.
+    from embed.torchvision_ops import op_exists
+
+    compiled = op_exists("torchvision", "roi_align")  # only the compiled library defines roi_align
+    assert USING_FALLBACK_OPS is (not compiled)
