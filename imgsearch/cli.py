@@ -19,11 +19,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 
 # Subcommands whose issue has not landed point at None.
 HANDLERS: dict[str, str | None] = {
-    "demo": "serve.demo:run_demo_command",
-    "embed": None,
-    "build": None,
-    "search": None,
-    "serve": None,
+    "demo": "serve.commands:run_demo_command",
+    "embed": "embed.commands:embed_command",
+    "build": "index.commands:build_command",
+    "search": "index.commands:search_command",
+    "serve": "serve.commands:serve_command",
     "dedup": None,
     "rebuild": None,
     "train": None,
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vectors", metavar="Q.npy", default=None)
     p.add_argument("-k", type=_positive_int, default=10)
     p.add_argument("--output", metavar="FILE", default=None)
+    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for IMAGE queries")
 
     p = sub.add_parser("serve", help="serve the HTTP API and web page")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for image queries (default: pretrained)")
 
     p = sub.add_parser("dedup", help="find groups of near-duplicate products")
     p.add_argument("--store", required=True, metavar="STORE")
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve(command: str):
     target = HANDLERS.get(command)
     if target is None:
-        raise NotImplementedYet(f"imgsearch {command}: not implemented yet")
+        raise NotImplementedYet("not implemented yet")
     module_name, _, function_name = target.partition(":")
     return getattr(importlib.import_module(module_name), function_name)
 

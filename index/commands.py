@@ -1,0 +1,148 @@
+"""CLI handlers for ``imgsearch build`` and ``imgsearch search`` (wired in imgsearch/cli.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+from imgsearch.errors import BadInput, NotImplementedYet
+
+log = logging.getLogger(__name__)
+
+
+def _open_store(path: str):
+    try:
+        from index.store import CatalogStore
+    except ImportError:
+        raise NotImplementedYet("--store: the catalog store (index/store.py) is not available yet") from None
+    if not os.path.isdir(path):
+        raise BadInput(f"store {path!r} does not exist")
+    return CatalogStore.open_readonly(path)
+
+
+def build_command(args) -> int:
+    from index.build import build_version
+    from index.factory import parse_bytes
+    from index.sources import npy_source, store_source
+
+    store = None
+    if getattr(args, "store", None):
+        if args.ids:
+            raise BadInput("--ids goes with --vectors, not --store")
+        store = _open_store(args.store)
+        source = store_source(store, metric=args.metric)
+    else:
+        source = npy_source(args.vectors, args.ids, metric=args.metric)
+    try:
+        result = build_version(
+            source, args.index_root, factory=args.factory, shards=args.shards, metric=args.metric,
+            target_recall=args.target_recall, gpu=args.gpu,
+            memory_budget=parse_bytes(getattr(args, "memory_budget", None)),
+            seed=getattr(args, "seed", 0) or 0)
+    finally:
+        if store is not None and hasattr(store, "close"):
+            store.close()
+    m = result.manifest
+    print(f"built {result.version}: {m['ntotal']} vectors, {m['factory']}, {m['shards']} shard(s), "
+          f"recall@10 {m['measured_recall']:.3f} at nprobe={m['search_defaults']['nprobe']} "
+          f"rerank={m['search_defaults']['rerank_factor']}, {m['build_seconds']:.1f}s")
+    return 0
+
+
+def _load_queries(path: str) -> np.ndarray:
+    try:
+        q = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"cannot read query vectors {path!r}: {exc}") from None
+    if q.ndim != 2 or q.dtype not in (np.float32, np.uint8, np.float64):
+        raise BadInput(f"{path!r}: expected an n x d float32 or uint8 array, got {q.dtype} {q.shape}")
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
+def _save_npz_atomic(path: str, **arrays) -> None:
+    from index.versions import write_bytes_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path if path.endswith(".npz") else path, buf.getvalue())
+
+
+def search_command(args) -> int:
+    from index.searcher import open_index
+
+    if args.images and args.vectors:
+        raise BadInput("give IMAGE arguments or --vectors Q.npy, not both")
+    if args.images:
+        return _search_images(args)
+    if not args.vectors:
+        raise BadInput("give IMAGE arguments or --vectors Q.npy")
+    queries = _load_queries(args.vectors)
+    deleted = None
+    store = None
+    if args.store:
+        store = _open_store(args.store)
+        deleted = np.fromiter(store.deleted_ids(), dtype=np.int64) if hasattr(store, "deleted_ids") else None
+    idx = open_index(args.index_root, deleted_ids=deleted)
+    scores, ids = idx.search(queries, args.k)
+    if store is not None and hasattr(store, "close"):
+        store.close()
+    if args.output:
+        _save_npz_atomic(args.output, ids=ids.astype(np.int64), scores=scores.astype(np.float32))
+        print(f"wrote {ids.shape[0]} x {ids.shape[1]} results from version {idx.version} to {args.output}")
+    else:
+        for row_ids, row_scores in zip(ids, scores):
+            keep = row_ids >= 0
+            print(json.dumps({"ids": row_ids[keep].tolist(), "scores": row_scores[keep].tolist()}))
+        sys.stdout.flush()
+    return 0
+
+
+def _search_images(args) -> int:
+    """One JSON object per query image, shaped like the HTTP response (distinct products)."""
+    import time
+
+    from index.searcher import open_index
+
+    try:
+        from embed import load_embedder
+    except ImportError:
+        raise NotImplementedYet("image queries need the embedder: not implemented yet") from None
+    embedder = load_embedder(getattr(args, "model", None))
+    store = _open_store(args.store) if args.store else None
+    deleted = np.fromiter(store.deleted_ids(), dtype=np.int64) if store is not None else None
+    idx = open_index(args.index_root, deleted_ids=deleted)
+    for image in args.images:
+        t0 = time.perf_counter()
+        vector = np.asarray(embedder.embed([image]), dtype=np.float32)
+        # Several images may share a product: fetch extra, keep each product's best image.
+        scores, ids = idx.search(vector, min(4 * args.k, 10_000))
+        results = _join(store, scores[0], ids[0], args.k)
+        print(json.dumps({"query": image, "index_version": idx.version,
+                          "took_ms": round(1000 * (time.perf_counter() - t0), 3),
+                          "detections": [], "results": results}))
+    if store is not None and hasattr(store, "close"):
+        store.close()
+    return 0
+
+
+def _join(store, scores, ids, k: int) -> list[dict]:
+    out, seen = [], set()
+    for score, item in zip(scores.tolist(), ids.tolist()):
+        if item < 0 or len(out) >= k:
+            break
+        rec = store.get(item) if store is not None else None
+        if store is not None and (rec is None or rec.deleted):
+            continue
+        key = rec.product_id if rec is not None else item
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"product_id": str(key), "score": score,
+                    "category": getattr(rec, "category", None), "image": getattr(rec, "image", None),
+                    "metadata": getattr(rec, "metadata", {}) or {}})
+    return out

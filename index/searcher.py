@@ -1,0 +1,489 @@
+"""Read side: open an index version and search it (sharded, re-ranked, filtered).
+
+A version is a list of *parts*: one per shard on disk, plus (after ``add``) one in-RAM delta
+part built from the same trained quantizer and codebooks. Inside a part, faiss labels are
+row numbers; ``part.ids[row]`` is the user's int64 id and ``part.rerank[row]`` its float16
+vector (memory-mapped), so RAM per vector stays at the PQ code + the 8-byte label.
+
+Search, for a batch of queries:
+1. every part returns its ``fetch`` best candidates by PQ distance (per-request
+   ``SearchParametersIVF``; the shared index is never mutated, so threads may search at once);
+2. candidates of all parts are merged into one exact global top-``fetch`` (ties broken by id,
+   so a sharded version returns the same ids as an unsharded one);
+3. deleted / superseded / filtered-out candidates are dropped; the best ``k * rerank_factor``
+   survivors are re-scored with their float16 vectors; the best k are returned;
+4. queries left with fewer than k results are searched again with a doubled ``fetch`` (and
+   doubled nprobe once the probed lists are exhausted) until k survive or nothing is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from imgsearch.errors import BadInput
+from index import versions
+
+log = logging.getLogger(__name__)
+
+MAX_K = 10_000
+SELECTOR_MAX_FRACTION = 0.2  # above this, a selector saves little over post-filtering
+RERANK_CHUNK = 1 << 20  # candidate vectors gathered at once during re-ranking
+
+
+def shard_prefix(shard_no: int, n_shards: int) -> str:
+    return f"shard-{shard_no:05d}-of-{n_shards:05d}"
+
+
+@dataclass
+class Part:
+    """One searchable piece: a faiss index whose labels are rows of the arrays below."""
+
+    index: object
+    ids: np.ndarray  # row -> user id (int64)
+    sorted_ids: np.ndarray  # ids sorted, for id -> row lookups
+    order: np.ndarray  # rows in sorted_ids order
+    rerank: np.ndarray | None  # row -> float16 vector, or None for exact codes
+    dead_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # superseded
+    lock: threading.Lock | None = None  # only the mutable delta part has one
+    gpu_index: object = None
+    name: str = ""
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in ``ids`` found here, their rows)."""
+        if not self.ntotal or not ids.size:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        pos = np.searchsorted(self.sorted_ids, ids)
+        pos = np.minimum(pos, self.ntotal - 1)
+        found = np.asarray(self.sorted_ids[pos]) == ids
+        return np.flatnonzero(found), np.asarray(self.order[pos[found]], dtype=np.int64)
+
+
+def _ivf(index):
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def search_params(index, nprobe: int | None, sel=None):
+    """Per-request parameters for ``index`` (never mutate the shared index)."""
+    import faiss
+
+    ivf = _ivf(index)
+    keep = [sel]  # SWIG does not own these; keep them alive for the duration of the call
+    if ivf is None:
+        params = faiss.SearchParameters()
+    else:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(min(max(nprobe or 1, 1), ivf.nlist))
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = max(2 * params.nprobe, 16)  # HNSW must return >= nprobe lists
+            params.quantizer_params = qp
+            keep.append(qp)
+    if sel is not None:
+        params.sel = sel
+    if isinstance(index, faiss.IndexPreTransform):
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = params
+        keep.append(params)
+        params = outer
+    return params, keep
+
+
+def _search_part(part: Part, q: np.ndarray, fetch: int, nprobe: int, allowed: np.ndarray | None):
+    """(distances, rows) of one part; -1 rows where it ran out."""
+    import faiss
+
+    fetch = max(1, min(fetch, part.ntotal))
+    if not part.ntotal:
+        return (np.full((q.shape[0], 1), np.nan, np.float32), np.full((q.shape[0], 1), -1, np.int64))
+    sel = None
+    if allowed is not None:
+        _, rows = part.rows_of(allowed)
+        if not rows.size:
+            return (np.full((q.shape[0], 1), np.nan, np.float32), np.full((q.shape[0], 1), -1, np.int64))
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+    if part.gpu_index is not None and sel is None:
+        from index import gpu
+
+        return gpu.search(part.gpu_index, part.index, q, fetch, nprobe)
+    params, _keep = search_params(part.index, nprobe, sel)
+    if part.lock is not None:
+        with part.lock:
+            return part.index.search(q, fetch, params=params)
+    return part.index.search(q, fetch, params=params)
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a search reads; replaced whole (copy-on-write) by add/delete."""
+
+    parts: tuple
+    tombstones: np.ndarray  # sorted unique user ids
+
+
+class IndexVersion:
+    """An opened index version. ``search`` is thread-safe; ``add``/``delete`` may run alongside."""
+
+    def __init__(self, path: str, manifest: dict, parts: list[Part], tombstones: np.ndarray,
+                 trained_path: str | None, category_of=None, ids_of_category=None, mmap: bool = False):
+        self.path = path
+        self.manifest = manifest
+        self.version = manifest["version"]
+        self.dim = int(manifest["dim"])
+        self.metric = manifest["metric"]
+        self.mmap = mmap
+        self.category_of = category_of
+        self.ids_of_category = ids_of_category
+        self._trained_path = trained_path
+        self._write_lock = threading.Lock()
+        self._state = _State(tuple(parts), np.unique(np.asarray(tombstones, np.int64)))
+        defaults = manifest.get("search_defaults") or {}
+        self.default_nprobe = int(defaults.get("nprobe") or 1)
+        self.default_rerank = int(defaults.get("rerank_factor") or 1)
+        self.nlist = int(manifest.get("nlist") or 0)
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        """Stored vectors that can be returned (deleted and superseded ones excluded)."""
+        st = self._state
+        rows = sum(p.ntotal - p.dead_rows.size for p in st.parts)
+        return int(rows - self._deleted_present(st))
+
+    def _deleted_present(self, st: _State) -> int:
+        if not st.tombstones.size:
+            return 0
+        live = lambda p, rows: rows[~np.isin(rows, p.dead_rows)].size  # noqa: E731
+        return sum(live(p, p.rows_of(st.tombstones)[1]) for p in st.parts)
+
+    def bytes_per_vector(self) -> dict:
+        """RAM and disk bytes per stored vector, as measured at build time."""
+        out = dict(self.manifest.get("bytes_per_vector") or {})
+        out["mmap"] = self.mmap
+        return out
+
+    def __repr__(self) -> str:
+        return f"IndexVersion({self.version!r}, ntotal={self.ntotal}, factory={self.manifest.get('factory')!r})"
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, queries, k: int = 10, *, nprobe: int | None = None, rerank_factor: int | None = None,
+               category=None, allowed_ids=None, exclude_ids=None):
+        """float32 n x d -> (scores n x k float32, ids n x k int64), -1 padded.
+
+        ``l2`` scores are squared distances (ascending); ``ip`` scores are similarities
+        (descending). ``category`` needs ``category_of`` (given to ``open_index``);
+        ``allowed_ids`` restricts results to those ids (an IDSelector on CPU when selective).
+        """
+        q = self._check_queries(queries)
+        k = self._check_k(k)
+        st = self._state
+        nprobe = int(nprobe or self.default_nprobe)
+        rf = int(rerank_factor or self.default_rerank)
+        if nprobe < 1 or rf < 1:
+            raise BadInput(f"nprobe and rerank_factor must be >= 1, got {nprobe}, {rf}")
+        allowed = self._allowed(category, allowed_ids)
+        keep = self._keep_fn(st, category, allowed, exclude_ids)
+        n = q.shape[0]
+        out_s = np.full((n, k), np.nan, np.float32)
+        out_i = np.full((n, k), -1, np.int64)
+        total = sum(p.ntotal for p in st.parts)
+        if not total or not n:
+            return self._finish(out_s, out_i)
+        todo = np.arange(n)
+        fetch = min(k * (rf if self._reranked(st) else 1), total)
+        max_probe = max(self.nlist, 1)
+        use_sel = allowed is not None and allowed.size <= SELECTOR_MAX_FRACTION * total
+        while todo.size:
+            sel_ids = allowed if use_sel else None
+            keys, uids, part_no, rows, n_valid = self._candidates(st, q[todo], fetch, nprobe, sel_ids)
+            s, i, found = self._select(st, q[todo], keys, uids, part_no, rows, keep, k, rf)
+            out_s[todo], out_i[todo] = s, i
+            unfinished = found < k
+            if not unfinished.any() or (nprobe >= max_probe and fetch >= total):
+                break
+            # Lists probed so far ran dry for some query: widen the probe, not just the fetch.
+            if (n_valid < fetch)[unfinished].any() and nprobe < max_probe:
+                nprobe = min(2 * nprobe, max_probe)
+            fetch = min(2 * fetch, total)
+            todo = todo[unfinished]
+        return self._finish(out_s, out_i)
+
+    def _finish(self, scores, ids):
+        # Reported scores: similarity for ip (higher better), squared distance for l2.
+        if self.metric == "ip":
+            scores = -scores
+        scores[ids < 0] = -np.inf if self.metric == "ip" else np.inf
+        return scores.astype(np.float32), ids
+
+    def _check_queries(self, queries) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise BadInput(f"queries must be n x {self.dim}, got shape {q.shape}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise BadInput("queries contain NaN or infinite values")
+        return q
+
+    @staticmethod
+    def _check_k(k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
+            raise BadInput(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+        return int(k)
+
+    @staticmethod
+    def _reranked(st: _State) -> bool:
+        return any(p.rerank is not None for p in st.parts)
+
+    def _allowed(self, category, allowed_ids) -> np.ndarray | None:
+        allowed = None if allowed_ids is None else np.unique(np.asarray(allowed_ids, np.int64))
+        if category is not None:
+            if self.category_of is None:
+                raise BadInput("category filter needs category_of (open the index with the store)")
+            if self.ids_of_category is not None:
+                cat_ids = np.unique(np.asarray(self.ids_of_category(category), np.int64))
+                allowed = cat_ids if allowed is None else np.intersect1d(allowed, cat_ids)
+        return allowed
+
+    def _keep_fn(self, st: _State, category, allowed, exclude_ids):
+        exclude = np.unique(np.asarray(exclude_ids if exclude_ids is not None else [], np.int64))
+        dead = np.union1d(st.tombstones, exclude)
+        category_of = self.category_of
+
+        def keep(uids: np.ndarray, part_no: np.ndarray, rows: np.ndarray) -> np.ndarray:
+            ok = uids >= 0
+            if dead.size:
+                ok &= ~np.isin(uids, dead)
+            for p_no, part in enumerate(st.parts):
+                if part.dead_rows.size:
+                    ok &= ~((part_no == p_no) & np.isin(rows, part.dead_rows))
+            if allowed is not None:
+                ok &= np.isin(uids, allowed)
+            if category is not None and ok.any():
+                cand = np.unique(uids[ok])
+                cats = np.asarray(category_of(cand), dtype=object)
+                good = cand[np.array([c == category for c in cats], dtype=bool)]
+                ok &= np.isin(uids, good)
+            return ok
+
+        return keep
+
+    def _candidates(self, st: _State, q: np.ndarray, fetch: int, nprobe: int, allowed):
+        """Global top-``fetch`` over all parts by PQ key (lower is better), ties by id."""
+        keys, uids, part_no, rows = [], [], [], []
+        # Fast-scan distances are quantized, so equal keys are common; each part cuts its list
+        # arbitrarily among ties. Fetching a margin and cutting here by (key, id) makes the
+        # global top-fetch independent of how the data is split into shards.
+        want = fetch + max(8, fetch // 4)
+        for p_no, part in enumerate(st.parts):
+            d, r = _search_part(part, q, want, nprobe, allowed)
+            r = np.asarray(r, np.int64)
+            # Rows past this snapshot's arrays were added to the delta part after the search
+            # began: they belong to a later snapshot, so they are skipped, never mis-read.
+            valid = (r >= 0) & (r < part.ntotal)
+            r = np.where(valid, r, -1)
+            u = np.full(r.shape, -1, np.int64)
+            if valid.any():
+                u[valid] = np.asarray(part.ids[r[valid]])
+            key = np.where(valid, -d if self.metric == "ip" else d, np.inf).astype(np.float32)
+            keys.append(key), uids.append(u), rows.append(r)
+            part_no.append(np.full(r.shape, p_no, np.int32))
+        keys, uids = np.hstack(keys), np.hstack(uids)
+        part_no, rows = np.hstack(part_no), np.hstack(rows)
+        n_valid = np.minimum((uids >= 0).sum(axis=1), fetch)
+        order = np.lexsort((uids, keys), axis=-1)[:, :fetch]
+        take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+        return take(keys), take(uids), take(part_no), take(rows), n_valid
+
+    def _select(self, st, q, keys, uids, part_no, rows, keep, k, rf):
+        """Filter, re-rank the best k*rf survivors, return the best k per query."""
+        ok = keep(uids, part_no, rows)
+        found = ok.sum(axis=1)
+        width = k * rf if self._reranked(st) else k
+        # Survivors first, in key order (stable sort keeps the global order).
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :width]
+        take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+        keys, uids, part_no, rows, ok = take(keys), take(uids), take(part_no), take(rows), take(ok)
+        if self._reranked(st):
+            keys = self._rerank(st, q, keys, part_no, rows, ok)
+        keys = np.where(ok, keys, np.inf)
+        uids = np.where(ok, uids, -1)
+        final = np.lexsort((uids, keys), axis=-1)[:, :k]
+        s = np.take_along_axis(keys, final, axis=1)
+        i = np.take_along_axis(uids, final, axis=1)
+        if s.shape[1] < k:  # fewer candidates than k: pad
+            pad = k - s.shape[1]
+            s = np.hstack([s, np.full((s.shape[0], pad), np.inf, np.float32)])
+            i = np.hstack([i, np.full((i.shape[0], pad), -1, np.int64)])
+        return s, i, np.minimum(found, k)
+
+    def _rerank(self, st, q, keys, part_no, rows, ok):
+        """Exact-ish keys from the float16 vectors (memory-mapped) of the candidates."""
+        out = keys.copy()
+        step = max(1, RERANK_CHUNK // max(1, rows.shape[1]))  # bounds the gathered n x c x d block
+        for a in range(0, q.shape[0], step):
+            b = slice(a, a + step)
+            out[b] = self._rerank_chunk(st, q[b], keys[b], part_no[b], rows[b], ok[b])
+        return out
+
+    def _rerank_chunk(self, st, q, keys, part_no, rows, ok):
+        vecs = np.zeros(rows.shape + (self.dim,), np.float32)
+        for p_no, part in enumerate(st.parts):
+            m = ok & (part_no == p_no)
+            if not m.any() or part.rerank is None:
+                continue
+            uniq, inv = np.unique(rows[m], return_inverse=True)  # sorted reads: sequential on disk
+            vecs[m] = np.asarray(part.rerank[uniq], dtype=np.float32)[inv.ravel()]
+        dots = np.einsum("nd,ncd->nc", q, vecs)
+        if self.metric == "ip":
+            exact = -dots
+        else:
+            exact = (q * q).sum(1)[:, None] - 2 * dots + np.einsum("ncd,ncd->nc", vecs, vecs)
+            exact = np.maximum(exact, 0.0)  # rounding must not make a squared distance negative
+        return np.where(ok, exact, keys).astype(np.float32)
+
+    # -- updates ---------------------------------------------------------------------------
+    def delete(self, ids, persist: bool = False) -> None:
+        """Tombstone ids: they are never returned from now on. ``persist`` writes tombstones.npy."""
+        ids = np.asarray(ids, np.int64).ravel()
+        with self._write_lock:
+            st = self._state
+            tomb = np.union1d(st.tombstones, ids)
+            self._state = replace(st, tombstones=tomb)
+            if persist:
+                self._save_tombstones(tomb)
+
+    def _save_tombstones(self, tomb: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, tomb)
+        versions.write_bytes_atomic(os.path.join(self.path, "tombstones.npy"), buf.getvalue())
+
+    def add(self, ids, vectors) -> None:
+        """Add or replace vectors; searchable as soon as this returns.
+
+        New rows go to an in-RAM delta part cloned from the version's trained (empty) index,
+        so they share the quantizer and codebooks of the shards (base shards may be
+        memory-mapped read-only, and faiss aborts when adding to those). Older copies of the
+        same ids become dead rows; re-added ids leave the tombstone set.
+        """
+        ids = np.asarray(ids, np.int64).ravel()
+        x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1))
+        if x.shape[1] != self.dim or not np.isfinite(x).all() or np.unique(ids).size != ids.size:
+            raise BadInput(f"add needs unique ids and finite n x {self.dim} vectors, got {x.shape}")
+        if ids.size and ids.min() < 0:
+            raise BadInput("ids must be >= 0")
+        with self._write_lock:
+            st = self._state
+            parts = [self._supersede(p, ids) for p in st.parts]
+            if not parts or parts[-1].lock is None:
+                parts.append(self._new_delta(x.shape[1]))
+            delta = parts[-1]
+            with delta.lock:
+                start = delta.ntotal
+                delta.index.add_with_ids(x, np.arange(start, start + len(ids), dtype=np.int64))
+                all_ids = np.concatenate([delta.ids, ids])
+                order = np.argsort(all_ids, kind="stable")
+                rerank = None if delta.rerank is None else np.concatenate([delta.rerank, x.astype(np.float16)])
+                parts[-1] = replace(delta, ids=all_ids, sorted_ids=all_ids[order], order=order, rerank=rerank)
+            self._state = _State(tuple(parts), np.setdiff1d(st.tombstones, ids))
+
+    @staticmethod
+    def _supersede(part: Part, ids: np.ndarray) -> Part:
+        _, rows = part.rows_of(ids)
+        if not rows.size:
+            return part
+        return replace(part, dead_rows=np.union1d(part.dead_rows, rows))
+
+    def _new_delta(self, dim: int) -> Part:
+        import faiss
+
+        if self._trained_path is None:
+            raise BadInput("this index version has no trained.faiss; it cannot take additions")
+        index = faiss.read_index(self._trained_path)
+        rerank = None if not self._reranked(self._state) else np.empty((0, dim), np.float16)
+        empty = np.empty(0, np.int64)
+        return Part(index, empty, empty, empty, rerank, lock=threading.Lock(), name="delta")
+
+
+# -- opening -------------------------------------------------------------------------------
+def _load_raw(path: str, dtype, shape, mmap: bool):
+    if shape[0] == 0:
+        return np.empty(shape, dtype)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    return np.fromfile(path, dtype=dtype).reshape(shape)
+
+
+def _open_part(vdir: str, shard: dict, dim: int, mmap: bool) -> Part:
+    import faiss
+
+    flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
+    index = faiss.read_index(os.path.join(vdir, shard["index"]), flags)
+    n = int(shard["ntotal"])
+    if index.ntotal != n:
+        raise versions.NoIndex(f"{vdir!r}: {shard['index']} holds {index.ntotal} vectors, manifest says {n}")
+    ids = _load_raw(os.path.join(vdir, shard["ids"]), np.int64, (n,), mmap)
+    sorted_ids = _load_raw(os.path.join(vdir, shard["sorted_ids"]), np.int64, (n,), mmap)
+    order = _load_raw(os.path.join(vdir, shard["order"]), np.int64, (n,), mmap)
+    rerank = None
+    if shard.get("rerank"):
+        # The float16 vectors are only read for a few candidates per query: always mapped.
+        rerank = _load_raw(os.path.join(vdir, shard["rerank"]), np.float16, (n, dim), True)
+    return Part(index, ids, sorted_ids, order, rerank, name=shard["index"])
+
+
+def _want_mmap(vdir: str, manifest: dict, mmap) -> bool:
+    if mmap in (True, False):
+        return mmap
+    if manifest.get("mmap_recommended"):
+        return True
+    size = sum(os.path.getsize(os.path.join(vdir, s["index"])) for s in manifest["shard_files"])
+    from index.factory import default_memory_budget
+
+    return size > default_memory_budget()
+
+
+def open_index(index_root: str, version: str | None = None, *, mmap="auto", gpu: str = "off",
+               category_of=None, ids_of_category=None, deleted_ids=None) -> IndexVersion:
+    """Open the live version (or ``version``) of INDEX_ROOT, read-only.
+
+    ``mmap``: True/False/"auto" (auto maps shards larger than the RAM budget; plain-PQ
+    inverted lists then stay on disk). ``gpu``: "off", "auto" or "on" (search on GPUs).
+    ``category_of(ids) -> categories`` enables ``search(category=...)``;
+    ``ids_of_category(cat) -> ids`` lets selective categories use an IDSelector.
+    ``deleted_ids``: ids to tombstone (e.g. the store's deleted items).
+    """
+    vdir = versions.version_dir(index_root, version)
+    manifest = versions.read_manifest(vdir)
+    use_mmap = _want_mmap(vdir, manifest, mmap)
+    parts = [_open_part(vdir, s, int(manifest["dim"]), use_mmap) for s in manifest["shard_files"]]
+    tomb = [np.asarray(deleted_ids if deleted_ids is not None else [], np.int64).ravel()]
+    tomb_path = os.path.join(vdir, "tombstones.npy")
+    if os.path.exists(tomb_path):
+        tomb.append(np.load(tomb_path).astype(np.int64))
+    trained = os.path.join(vdir, manifest.get("trained_index") or "trained.faiss")
+    idx = IndexVersion(vdir, manifest, parts, np.concatenate(tomb),
+                       trained if os.path.exists(trained) else None,
+                       category_of=category_of, ids_of_category=ids_of_category, mmap=use_mmap)
+    if gpu != "off":
+        from index import gpu as gpu_mod
+
+        gpu_mod.attach(idx, required=(gpu == "on"))
+    return idx
