@@ -60,7 +60,8 @@ def decode_image(source: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MA
     except UnidentifiedImageError:
         raise BadImage(f"{label} is not a recognised image format ({len(data)} bytes)") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{label} exceeds the decoder's pixel limit") from None
+        # PIL refuses headers past twice its own limit before we can read the size.
+        raise ImageTooLarge(f"{label} claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels, over the limit of {max_pixels}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"{label} cannot be decoded: {exc}") from None
     if image.format not in ALLOWED_FORMATS:

@@ -1,0 +1,85 @@
+"""The Flask app: routes only. Query work lives in :mod:`serve.service`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, Response, g, jsonify, request, send_file
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serve.errors import ApiError, register_error_handlers
+from serve.metrics import ServerMetrics
+from serve.requests import parse_search_request
+
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+access_log = logging.getLogger("imgsearch.access")
+
+
+def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None) -> Flask:
+    """``service`` is a :class:`serve.service.SearchService` (or anything with its methods)."""
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.json.sort_keys = False
+    metrics = metrics or ServerMetrics()
+    app.extensions["imgsearch"] = {"service": service, "metrics": metrics}
+    service.attach_metrics(metrics)
+    register_error_handlers(app)
+
+    @app.before_request
+    def _start_timer_and_check_size() -> None:
+        g.start = time.perf_counter()
+        # Refuse an oversized body by its declared length, before any parsing or media-type check.
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise ApiError(413, "body_too_large", f"request body is {request.content_length} bytes, over the limit of {max_body_bytes}")
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        seconds = time.perf_counter() - g.get("start", time.perf_counter())
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.request_seconds.labels(endpoint).observe(seconds)
+        access_log.info(
+            "%s %s %s %d %.1fms", request.remote_addr, request.method, request.path, response.status_code, seconds * 1e3
+        )
+        return response
+
+    @app.get("/")
+    def page():
+        return app.send_static_file("index.html")
+
+    @app.get("/healthz")
+    def healthz():
+        return jsonify({"status": "ok"})
+
+    @app.get("/readyz")
+    def readyz():
+        live = service.live()
+        if live is None:
+            raise ApiError(503, "not_ready", service.not_ready_reason())
+        return jsonify({"status": "ready", "index_version": live.version, "ntotal": live.ntotal})
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/search")
+    def search():
+        start = time.perf_counter()
+        live = service.live()
+        if live is None:
+            raise ApiError(503, "not_ready", service.not_ready_reason())
+        query = parse_search_request(request, live.dim)
+        body = service.search(live, query)
+        return jsonify({"index_version": live.version, "took_ms": round((time.perf_counter() - start) * 1e3, 3), **body})
+
+    @app.get("/v1/products/<path:product_id>/image")
+    def product_image(product_id: str):
+        path = service.image_file(product_id, request.args.get("image"))
+        return send_file(path, max_age=3600)
+
+    @app.get("/v1/products/<path:product_id>")
+    def product(product_id: str):
+        return jsonify(service.product(product_id))
+
+    return app

@@ -1,0 +1,115 @@
+"""Validation of HTTP request bodies, at the boundary, with messages that name the bad value."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flask import Request
+
+from serve.errors import ApiError
+
+MAX_K = 10_000
+DEFAULT_K = 10
+MAX_CATEGORY_LENGTH = 200
+SEARCH_FIELDS_JSON = frozenset({"image_base64", "vector", "k", "category"})
+SEARCH_FIELDS_FORM = frozenset({"k", "category"})
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    k: int
+    category: str | None
+    image: bytes | None = None
+    vector: np.ndarray | None = None
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_k(raw) -> int:
+    if raw is None:
+        return DEFAULT_K
+    if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {_shown(raw)}")
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {_shown(raw)}") from None
+    if not 1 <= k <= MAX_K:
+        raise ApiError(400, "k_out_of_range", f"k must be in 1..{MAX_K}, got {k}")
+    return k
+
+
+def parse_category(raw) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ApiError(400, "bad_category", f"category must be a string, got {_shown(raw)}")
+    if not 0 < len(raw) <= MAX_CATEGORY_LENGTH:
+        raise ApiError(400, "bad_category", f"category must be 1..{MAX_CATEGORY_LENGTH} characters, got {len(raw)}")
+    return raw
+
+
+def parse_vector(raw, dim: int) -> np.ndarray:
+    if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+        raise ApiError(400, "bad_vector", f"vector must be a list of {dim} numbers, got {_shown(raw)}")
+    if len(raw) != dim:
+        raise ApiError(400, "bad_vector_length", f"vector must have {dim} numbers, got {len(raw)}")
+    bad = next((i for i, x in enumerate(raw) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise ApiError(400, "bad_vector_value", f"vector[{bad}] is {raw[bad]}; every value must be finite")
+    return np.asarray(raw, dtype=np.float32)
+
+
+def _reject_unknown(fields, allowed: frozenset[str]) -> None:
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse_json(request: Request, dim: int) -> SearchRequest:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_json", "body must be a JSON object with 'image_base64' or 'vector'")
+    _reject_unknown(body, SEARCH_FIELDS_JSON)
+    k, category = parse_k(body.get("k")), parse_category(body.get("category"))
+    has_image, has_vector = "image_base64" in body, "vector" in body
+    if has_image == has_vector:
+        raise ApiError(400, "bad_query", "give exactly one of 'image_base64' and 'vector'")
+    if has_vector:
+        return SearchRequest(k, category, vector=parse_vector(body["vector"], dim))
+    encoded = body["image_base64"]
+    if not isinstance(encoded, str):
+        raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {_shown(encoded)}")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {_shown(encoded[:20])})") from None
+    return SearchRequest(k, category, image=data)
+
+
+def _parse_multipart(request: Request) -> SearchRequest:
+    _reject_unknown(request.form, SEARCH_FIELDS_FORM)
+    _reject_unknown(request.files, frozenset({"image"}))
+    if "image" not in request.files:
+        raise ApiError(400, "missing_image", "multipart body needs an 'image' file field")
+    data = request.files["image"].read()
+    return SearchRequest(parse_k(request.form.get("k")), parse_category(request.form.get("category")), image=data)
+
+
+def parse_search_request(request: Request, dim: int) -> SearchRequest:
+    mimetype = request.mimetype or ""
+    if mimetype == "application/json":
+        return _parse_json(request, dim)
+    if mimetype == "multipart/form-data":
+        return _parse_multipart(request)
+    raise ApiError(
+        415, "unsupported_media_type",
+        f"Content-Type {mimetype or '(none)'!r} is not supported; send multipart/form-data or application/json",
+    )
