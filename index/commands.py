@@ -16,10 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def _open_store(path: str):
-    try:
-        from index.store import CatalogStore
-    except ImportError:
-        raise NotImplementedYet("--store: the catalog store (index/store.py) is not available yet") from None
+    from index.store import CatalogStore
+
     if not os.path.isdir(path):
         raise BadInput(f"store {path!r} does not exist")
     return CatalogStore.open_readonly(path)

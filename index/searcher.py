@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_K = 10_000
 SELECTOR_MAX_FRACTION = 0.2  # above this, a selector saves little over post-filtering
 RERANK_CHUNK = 1 << 20  # candidate vectors gathered at once during re-ranking
+SMALL_BATCH = 16  # below this many queries, re-rank in numpy (no OpenMP wake-up)
 
 
 def shard_prefix(shard_no: int, n_shards: int) -> str:
@@ -52,6 +53,27 @@ class Part:
     lock: threading.Lock | None = None  # only the mutable delta part has one
     gpu_index: object = None
     name: str = ""
+    params_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        # Plain ndarray views: fancy indexing a np.memmap subclass costs a wrapper per call.
+        self.ids_arr = np.asarray(self.ids)
+        self.rerank_arr = None if self.rerank is None else np.asarray(self.rerank)
+        # Re-rank vectors larger than the RAM budget are mostly on disk: read them in row order.
+        self.cold = False
+        if self.rerank_arr is not None and self.rerank_arr.nbytes > (1 << 30):
+            from index.factory import default_memory_budget
+
+            self.cold = self.rerank_arr.nbytes > default_memory_budget()
+
+    def params(self, nprobe: int):
+        """Cached per-nprobe search parameters (faiss only reads them, so threads may share)."""
+        got = self.params_cache.get(nprobe)
+        if got is None:
+            got = search_params(self.index, nprobe)
+            if len(self.params_cache) < 64:
+                self.params_cache[nprobe] = got
+        return got[0]
 
     @property
     def ntotal(self) -> int:
@@ -120,6 +142,8 @@ def _search_part(part: Part, q: np.ndarray, fetch: int, nprobe: int, allowed: np
         from index import gpu
 
         return gpu.search(part.gpu_index, part.index, q, fetch, nprobe)
+    if sel is None and part.lock is None:
+        return part.index.search(q, fetch, params=part.params(nprobe))
     params, _keep = search_params(part.index, nprobe, sel)
     if part.lock is not None:
         with part.lock:
@@ -198,20 +222,29 @@ class IndexVersion:
         allowed = self._allowed(category, allowed_ids)
         keep = self._keep_fn(st, category, allowed, exclude_ids)
         n = q.shape[0]
-        out_s = np.full((n, k), np.nan, np.float32)
-        out_i = np.full((n, k), -1, np.int64)
         total = sum(p.ntotal for p in st.parts)
         if not total or not n:
+            out_s = np.full((n, k), np.nan, np.float32)
+            out_i = np.full((n, k), -1, np.int64)
             return self._finish(out_s, out_i)
         todo = np.arange(n)
         fetch = min(k * (rf if self._reranked(st) else 1), total)
         max_probe = max(self.nlist, 1)
         use_sel = allowed is not None and allowed.size <= SELECTOR_MAX_FRACTION * total
+        fast = (keep is None and len(st.parts) == 1 and st.parts[0].lock is None
+                and st.parts[0].gpu_index is None and not st.parts[0].dead_rows.size)
         while todo.size:
-            sel_ids = allowed if use_sel else None
-            keys, uids, part_no, rows, n_valid = self._candidates(st, q[todo], fetch, nprobe, sel_ids)
-            s, i, found = self._select(st, q[todo], keys, uids, part_no, rows, keep, k, rf)
-            out_s[todo], out_i[todo] = s, i
+            qt = q if todo.size == n else q[todo]
+            if fast:
+                s, i, found, n_valid = self._search_one_part(st.parts[0], qt, fetch, nprobe, k, rf)
+            else:
+                sel_ids = allowed if use_sel else None
+                keys, uids, part_no, rows, n_valid = self._candidates(st, qt, fetch, nprobe, sel_ids)
+                s, i, found = self._select(st, qt, keys, uids, part_no, rows, keep, k, rf)
+            if todo.size == n:
+                out_s, out_i = s, i
+            else:
+                out_s[todo], out_i[todo] = s, i
             unfinished = found < k
             if not unfinished.any() or (nprobe >= max_probe and fetch >= total):
                 break
@@ -224,10 +257,13 @@ class IndexVersion:
 
     def _finish(self, scores, ids):
         # Reported scores: similarity for ip (higher better), squared distance for l2.
+        scores = np.array(scores, dtype=np.float32)  # own copy: the caller may keep it
         if self.metric == "ip":
-            scores = -scores
-        scores[ids < 0] = -np.inf if self.metric == "ip" else np.inf
-        return scores.astype(np.float32), ids
+            np.negative(scores, out=scores)
+        pad = ids < 0
+        if pad.any():
+            scores[pad] = -np.inf if self.metric == "ip" else np.inf
+        return scores, ids
 
     def _check_queries(self, queries) -> np.ndarray:
         q = np.asarray(queries)
@@ -261,6 +297,9 @@ class IndexVersion:
         return allowed
 
     def _keep_fn(self, st: _State, category, allowed, exclude_ids):
+        if (category is None and allowed is None and exclude_ids is None and not st.tombstones.size
+                and not any(p.dead_rows.size for p in st.parts)):
+            return None  # nothing to filter: searches take the single-part fast path when they can
         exclude = np.unique(np.asarray(exclude_ids if exclude_ids is not None else [], np.int64))
         dead = np.union1d(st.tombstones, exclude)
         category_of = self.category_of
@@ -282,6 +321,93 @@ class IndexVersion:
             return ok
 
         return keep
+
+    def _search_one_part(self, part: Part, q: np.ndarray, fetch: int, nprobe: int, k: int, rf: int):
+        """``_candidates`` + ``_select`` for one part with nothing to filter, without the merge.
+
+        Same results: faiss returns each list sorted by key, so the global top-``fetch`` by
+        (key, id) is its first ``fetch`` columns unless keys tie across the cut; only the
+        queries with such a tie are re-sorted by (key, id).
+        """
+        ip = self.metric == "ip"
+        want = fetch + max(8, fetch // 4)
+        d, r = _search_part(part, q, want, nprobe, None)
+        valid = r >= 0
+        key = np.negative(d) if ip else d
+        key[~valid] = np.inf
+        n_valid = np.minimum(valid.sum(axis=1), fetch)
+        if r.shape[1] > fetch:
+            tie = key[:, fetch - 1] == key[:, fetch]
+            if tie.any():
+                sub = np.flatnonzero(tie)
+                u_sub = np.where(valid[sub], part.ids_arr[np.maximum(r[sub], 0)], -1)
+                o = np.lexsort((u_sub, key[sub]), axis=-1)[:, :fetch]
+                key_sub, r_sub = np.take_along_axis(key[sub], o, 1), np.take_along_axis(r[sub], o, 1)
+                key, r = key[:, :fetch].copy(), r[:, :fetch].copy()
+                key[sub], r[sub] = key_sub, r_sub
+            else:
+                key, r = key[:, :fetch], r[:, :fetch]
+            valid = r >= 0
+        uids = part.ids_arr[np.maximum(r, 0)]
+        uids[~valid] = -1
+        found = valid.sum(axis=1)
+        if part.rerank_arr is not None:
+            key = self._rerank_rows(part, q, r)
+            key[~valid] = np.inf
+        final = np.lexsort((uids, key), axis=-1)[:, :k]
+        at = (np.arange(final.shape[0])[:, None], final)
+        s, i = key[at], uids[at]
+        if s.shape[1] < k:  # fewer candidates than k: pad
+            pad = k - s.shape[1]
+            s = np.hstack([s, np.full((s.shape[0], pad), np.inf, np.float32)])
+            i = np.hstack([i, np.full((i.shape[0], pad), -1, np.int64)])
+        return s, i, np.minimum(found, k), n_valid
+
+    def _rerank_rows(self, part: Part, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Keys (ascending) of ``rows`` (-1: none) re-scored with their float16 vectors.
+
+        When the vectors outgrow the RAM budget the rows are read in sorted order (sequential on
+        disk for a cold memmap); they are converted to float32 once and scored by faiss' multi-threaded ``fvec_*_by_idx`` kernels.
+        """
+        import faiss
+
+        n, c = rows.shape
+        if n < SMALL_BATCH:  # faiss' OpenMP kernels cost ~ms to wake threads for a few queries
+            v = part.rerank_arr[np.maximum(rows, 0).ravel()].astype(np.float32).reshape(n, c, -1)
+            dots = np.matmul(v, q[:, :, None])[:, :, 0]
+            if self.metric == "ip":
+                return np.negative(dots, out=dots)
+            out = np.einsum("ncd,ncd->nc", v, v)
+            out -= 2 * dots
+            out += np.einsum("nd,nd->n", q, q)[:, None]
+            return np.maximum(out, 0.0, out=out)
+        out = np.empty((n, c), np.float32)
+        step = max(1, RERANK_CHUNK // max(1, c))
+        kernel = faiss.fvec_inner_products_by_idx if self.metric == "ip" else faiss.fvec_L2sqr_by_idx
+        for a in range(0, n, step):
+            rr, qq = rows[a:a + step], q[a:a + step]
+            m = rr.shape[0]
+            flat = rr.ravel()
+            if part.cold:
+                order = np.argsort(flat)
+                srt = flat[order]
+                nbad = int(np.searchsorted(srt, 0))
+                y = part.rerank_arr[srt[nbad:]].astype(np.float32)
+                pos = np.empty(flat.size, np.int64)
+                pos[order] = np.arange(-nbad, flat.size - nbad, dtype=np.int64)
+                if nbad:
+                    pos[order[:nbad]] = -1
+            else:  # fits the page cache: the sort would cost more than the reads it orders
+                y = part.rerank_arr[np.maximum(flat, 0)].astype(np.float32)
+                pos = np.where(flat >= 0, np.arange(flat.size, dtype=np.int64), -1)
+            dis = out[a:a + m]
+            kernel(faiss.swig_ptr(dis), faiss.swig_ptr(qq), faiss.swig_ptr(y), faiss.swig_ptr(pos),
+                   self.dim, m, c)
+        if self.metric == "ip":
+            np.negative(out, out=out)
+        else:
+            np.maximum(out, 0.0, out=out)  # rounding must not make a squared distance negative
+        return out
 
     def _candidates(self, st: _State, q: np.ndarray, fetch: int, nprobe: int, allowed):
         """Global top-``fetch`` over all parts by PQ key (lower is better), ties by id."""
@@ -312,7 +438,7 @@ class IndexVersion:
 
     def _select(self, st, q, keys, uids, part_no, rows, keep, k, rf):
         """Filter, re-rank the best k*rf survivors, return the best k per query."""
-        ok = keep(uids, part_no, rows)
+        ok = keep(uids, part_no, rows) if keep is not None else uids >= 0
         found = ok.sum(axis=1)
         width = k * rf if self._reranked(st) else k
         # Survivors first, in key order (stable sort keeps the global order).
