@@ -34,6 +34,11 @@ bench: data
 	@$(MAKE) --no-print-directory install EXTRAS=cpu,dev,bench
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
+# Trains the detector and embedder on the sample catalog's train products (2 CPU cores: ~20 min);
+# `make demo` then uses demo-data/train/model.ckpt.
+train-demo: install data
+	TORCHDYNAMO_DISABLE=1 $(PY) -m train.demo --workdir demo-data/train
+
 lint: install
 	$(VENV)/bin/ruff check .
 

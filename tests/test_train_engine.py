@@ -1,0 +1,79 @@
+"""Training end to end on a tiny real sample set: checkpoint contents, load_embedder, exact resume, CLI wiring."""
+
+import numpy as np
+import pytest
+import torch
+
+from embed.checkpoint import Checkpoint
+from embed.pipeline import load_detector, load_embedder
+from imgsearch import cli
+from train.commands import main
+from train.sample_data import build_sample_set
+
+torch.set_num_threads(2)
+
+# Small images and few views: the point is the wiring, not the accuracy.
+TINY = ["--image-size", "64", "--detector-image-size", "128", "--views", "3", "--scenes", "6",
+        "--max-products", "4", "--progress", "off", "--no-baseline"]
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    sample = build_sample_set(tmp_path_factory.mktemp("sample"), seed=0, limit_products=8, queries_per_product=1, progress=False)
+    return str(sample.catalog_csv)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(catalog, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "model.ckpt"
+    return out, main([catalog, "--output", str(out), "--epochs", "2", *TINY])
+
+
+def test_smoke_train_writes_a_checkpoint_that_load_embedder_loads(two_epochs):
+    path, summary = two_epochs
+    embedder = load_embedder(path, device="cpu")
+    vectors = embedder.embed([_photo()])
+    assert vectors.shape == (1, 128)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.config.image_size == 64
+    assert load_detector(path) is not None
+    assert {"recall@1", "recall@10", "ap@0.5"} <= set(summary["evaluation"][0])
+
+
+def test_checkpoint_holds_model_optimisers_epoch_config_metrics_and_hash(two_epochs):
+    path, summary = two_epochs
+    loaded = Checkpoint.load(path)  # verifies the weights hash
+    extra = loaded.extra
+    assert extra["epoch"] == 2 and len(extra["history"]) == 2
+    assert extra["train_config"]["epochs"] == 2 and extra["train_config"]["loss"] == "triplet"
+    assert set(extra["optimizers"]) == {"embedder", "detector"} and extra["optimizers"]["embedder"]["state"]
+    assert extra["metrics"]["epoch"] == 2 and "val_recall@1" in extra["metrics"]
+    assert set(extra["run_info"]["train_products"]).isdisjoint(extra["run_info"]["eval_products"])
+    assert load_embedder(path, device="cpu").model_hash == loaded.weights_sha256
+
+
+def test_resume_continues_exactly(catalog, two_epochs, tmp_path):
+    _, uninterrupted = two_epochs
+    first = tmp_path / "first.ckpt"
+    main([catalog, "--output", str(first), "--epochs", "1", "--no-eval", *TINY])
+    resumed = main([catalog, "--output", str(tmp_path / "resumed.ckpt"), "--resume", str(first), "--epochs", "2", "--no-eval",
+                    "--progress", "off"])
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for key in ("embed_loss", "detector_loss", "val_recall@1"):
+        assert resumed["history"][1][key] == pytest.approx(uninterrupted["history"][1][key], abs=1e-6), key
+    same = Checkpoint.load(tmp_path / "resumed.ckpt").state_dict
+    for name, tensor in Checkpoint.load(two_epochs[0]).state_dict.items():
+        torch.testing.assert_close(same[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_cli_train_is_wired_and_reports_bad_catalog(tmp_path, capsys):
+    status = cli.main(["train", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x.ckpt")])
+    assert status == 2
+    assert "missing.csv" in capsys.readouterr().err
+
+
+def _photo():
+    from PIL import Image
+    from skimage import data
+
+    return Image.fromarray(data.coffee())

@@ -1,0 +1,403 @@
+"""The training loop: embedder (metric learning on PK batches) and detector (SSDlite on composite scenes).
+
+Both networks train on cached frozen-trunk features (:mod:`train.frozen`):
+only the trunk's upper blocks and the heads learn. One epoch = one pass of
+PK batches over the embedder's view cache, then one pass over the detector's
+scene cache. After every epoch a checkpoint is written (atomically) holding
+weights, both optimisers, the epoch, the resolved config and the metrics;
+``TrainingRun.resume`` continues from it exactly: batches are drawn from
+``(seed, epoch)``-seeded generators and learning rates are a pure function
+of the epoch, so the resumed epoch computes the same losses as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from embed.checkpoint import Checkpoint
+from embed.detector import MOBILENET_V2_STRIDE16_SPLIT, DetectorConfig, ProductDetector
+from embed.model import EmbedderConfig, EmbeddingNet
+from embed.pipeline import make_checkpoint
+from embed.preprocess import Preprocessor
+from embed.torchvision_compat import torchvision
+from imgsearch.errors import BadInput
+from train.evaluate import cosine_recall
+from train.frozen import FrozenPrefix, freeze
+from train.losses import LOSSES, make_loss
+from train.sampler import PKSampler
+
+log = logging.getLogger(__name__)
+
+MOBILENET_V2_BLOCKS = 19  # len(mobilenet_v2().features)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run; stored resolved in the checkpoint (``extra.train_config``)."""
+
+    epochs: int = 4  # triplet's held-out R@1 peaks by epoch 3-4 on the sample set (bench_recall.py)
+    seed: int = 0
+    loss: str = "triplet"  # beat multi-similarity on measured held-out R@1 (BENCHMARKS.md)
+    products_per_batch: int = 32  # P
+    views_per_batch: int = 4  # K
+    shopper_views: int = 7  # per train product, plus its catalog shot(s)
+    embed_trainable_from: int = 17  # trunk blocks [this:] and the head learn; [:this] are frozen and cached
+    embed_lr: float = 1e-3
+    embed_trunk_lr: float = 2e-4
+    weight_decay: float = 1e-4
+    image_size: int = 224
+    detector: bool = True
+    scenes: int = 480
+    scene_batch: int = 16
+    detector_trainable_from: int = 17  # MobileNetV2 blocks [this:] of the detector's trunk learn (>= 14)
+    detector_lr: float = 1e-3
+    detector_image_size: int = 320
+    heldout_fraction: float = 0.25  # used only when the catalog has no split.json
+    max_products: int | None = None  # train on at most this many train products (smoke tests)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise BadInput(f"unknown loss {self.loss!r}; expected one of {sorted(LOSSES)}")
+        if not 1 <= self.embed_trainable_from <= MOBILENET_V2_BLOCKS:
+            raise BadInput(f"embed_trainable_from must be in 1..{MOBILENET_V2_BLOCKS}, got {self.embed_trainable_from!r}")
+        if not MOBILENET_V2_STRIDE16_SPLIT <= self.detector_trainable_from <= MOBILENET_V2_BLOCKS:
+            raise BadInput(f"detector_trainable_from must be in {MOBILENET_V2_STRIDE16_SPLIT}..{MOBILENET_V2_BLOCKS}, got {self.detector_trainable_from!r}")
+        for name in ("epochs", "shopper_views", "scene_batch"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def cosine_lr(base: float, epoch: int, total: int) -> float:
+    """Cosine decay over the run, by epoch (0-based), ending at 5 % of the base rate."""
+    progress = epoch / max(1, total)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    return tqdm(total=total, desc=desc, unit="step", disable=None if enabled is None else not enabled, leave=True)
+
+
+# ---------------------------------------------------------------- embedder
+
+
+class ViewCache:
+    """Frozen-trunk feature maps (float16) of augmented views, with their integer product labels."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray):
+        if len(features) != len(labels):
+            raise BadInput(f"{len(features)} cached maps but {len(labels)} labels")
+        self.features, self.labels = features, np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class EmbedderStage:
+    """Metric learning of the embedder's upper trunk blocks and head on cached lower-trunk maps."""
+
+    def __init__(self, net: EmbeddingNet, config: TrainConfig):
+        self.net, self.config = net, config
+        split = config.embed_trainable_from
+        self.lower, self.upper = net.trunk[:split], net.trunk[split:]
+        freeze(self.lower)
+        self.loss = make_loss(config.loss)
+        self.preprocess = Preprocessor(net.config.image_size)
+        size = net.config.image_size
+        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(self.upper.parameters()), "lr": config.embed_trunk_lr, "base_lr": config.embed_trunk_lr},
+             {"params": list(net.head.parameters()), "lr": config.embed_lr, "base_lr": config.embed_lr}],
+            weight_decay=config.weight_decay,
+        )
+
+    def cache(self, labelled_images, total: int | None = None, progress: bool | None = None, batch: int = 32) -> ViewCache:
+        """(label, PIL image) pairs -> a :class:`ViewCache`; images are dropped once their maps are made."""
+        maps, labels, pending = [], [], []
+        bar = tqdm(total=total, desc="cache views", unit="img", disable=None if progress is None else not progress)
+
+        def flush():
+            maps.append(self._prefix(self.preprocess([im for _, im in pending])))
+            labels.extend(label for label, _ in pending)
+            bar.update(len(pending))
+            pending.clear()
+
+        for item in labelled_images:
+            pending.append(item)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+        bar.close()
+        if not maps:
+            raise BadInput("no views to cache")
+        return ViewCache(torch.cat(maps), np.array(labels))
+
+    def train_mode(self) -> None:
+        self.net.train()
+        self.lower.eval()  # frozen BatchNorm keeps its ImageNet statistics
+
+    def embed_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self.upper(maps.float()))
+
+    def sampler(self, cache: ViewCache) -> PKSampler:
+        distinct = len(np.unique(cache.labels))
+        return PKSampler(cache.labels, min(self.config.products_per_batch, distinct), self.config.views_per_batch, self.config.seed)
+
+    def train_epoch(self, cache: ViewCache, epoch: int, bar=None) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(group["base_lr"], epoch, self.config.epochs)
+        sampler = self.sampler(cache)
+        sampler.set_epoch(epoch)
+        self.train_mode()
+        losses = []
+        for indices in sampler:
+            index = torch.from_numpy(indices)
+            loss = self.loss(self.embed_maps(cache.features[index]), torch.from_numpy(cache.labels[indices]))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(embed_loss=f"{np.mean(losses):.4f}")
+        self.net.eval()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def vectors(self, cache: ViewCache, batch: int = 256) -> np.ndarray:
+        self.net.eval()
+        with torch.inference_mode():
+            return torch.cat([self.embed_maps(cache.features[i : i + batch]) for i in range(0, len(cache), batch)]).numpy()
+
+
+@dataclass
+class ValidationCache:
+    """Held-out queries (true-box crops) and catalog shots, cached through the frozen trunk: a cheap per-epoch R@K."""
+
+    queries: ViewCache
+    catalog: ViewCache
+    products: list[str]  # label -> product id
+
+    def recall(self, stage: EmbedderStage) -> dict[str, float]:
+        q, c = stage.vectors(self.queries), stage.vectors(self.catalog)
+        recall = cosine_recall(q, [self.products[i] for i in self.queries.labels], c, [self.products[i] for i in self.catalog.labels])
+        return {f"val_recall@{k}": v for k, v in recall.items()}
+
+
+# ---------------------------------------------------------------- detector
+
+
+class _DetectorLowerTrunk(torch.nn.Module):
+    """The detector's frozen part: stride-16 map and the frozen blocks above it."""
+
+    def __init__(self, to_stride16: torch.nn.Module, frozen32: torch.nn.Module):
+        super().__init__()
+        self.to_stride16, self.frozen32 = to_stride16, frozen32
+
+    def forward(self, x: torch.Tensor):
+        map16 = self.to_stride16(x)
+        return map16, self.frozen32(map16)
+
+
+class SceneCache:
+    def __init__(self, map16: torch.Tensor, mid: torch.Tensor, targets: list[dict[str, torch.Tensor]]):
+        self.map16, self.mid, self.targets = map16, mid, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class DetectorStage:
+    """SSDlite training on cached scenes: the detector's upper trunk blocks, extra layers and heads learn."""
+
+    def __init__(self, detector: ProductDetector, config: TrainConfig):
+        self.detector, self.config = detector, config
+        self.ssd = detector.model
+        if not isinstance(self.ssd, torchvision.models.detection.ssd.SSD):
+            raise BadInput(f"detector training supports the ssdlite arch, got {detector.config.arch!r}")
+        features = self.ssd.backbone
+        split = config.detector_trainable_from - MOBILENET_V2_STRIDE16_SPLIT
+        self.lower = _DetectorLowerTrunk(features.to_stride16, features.to_stride32[:split])
+        self.upper32 = features.to_stride32[split:]
+        self.extra = features.extra
+        freeze(self.lower)
+        size = detector.config.image_size
+        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
+        trainable = [p for p in self.ssd.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW([{"params": trainable, "lr": config.detector_lr, "base_lr": config.detector_lr}],
+                                           weight_decay=config.weight_decay)
+
+    def cache(self, scenes, total: int | None = None, progress: bool | None = None, batch: int = 16) -> SceneCache:
+        """(PIL scene, boxes) pairs -> frozen maps of the SSD-transformed (resized, normalised) scenes + targets."""
+        map16, mid, targets, pending = [], [], [], []
+        bar = tqdm(total=total, desc="cache scenes", unit="img", disable=None if progress is None else not progress)
+        self.ssd.eval()
+
+        def flush():
+            images = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0) for im, _ in pending]
+            raw_targets = [{"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                            "labels": torch.ones(len(boxes), dtype=torch.int64)} for _, boxes in pending]
+            with torch.inference_mode():
+                image_list, resized = self.ssd.transform(images, raw_targets)  # what SSD.forward does first
+            a, b = self._prefix(image_list.tensors)
+            map16.append(a)
+            mid.append(b)
+            targets.extend({"boxes": t["boxes"].clone(), "labels": t["labels"].clone()} for t in resized)
+            bar.update(len(pending))
+            pending.clear()
+
+        for item in scenes:
+            pending.append(item)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+        bar.close()
+        return SceneCache(torch.cat(map16), torch.cat(mid), targets)
+
+    def train_mode(self) -> None:
+        self.detector.train()
+        self.lower.eval()
+
+    def losses(self, map16: torch.Tensor, mid: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+        """SSD.forward's training branch from the cached maps on (see torchvision.models.detection.ssd)."""
+        maps = [map16.float(), self.upper32(mid.float())]
+        for block in self.extra:
+            maps.append(block(maps[-1]))
+        head_outputs = self.ssd.head(maps)
+        size = self.detector.config.image_size
+        image_list = torchvision.models.detection.image_list.ImageList(
+            torch.zeros(1, 1, 1, 1).expand(len(targets), 3, size, size), [(size, size)] * len(targets))
+        anchors = self.ssd.anchor_generator(image_list, maps)
+        matched = [self.ssd.proposal_matcher(torchvision.ops.box_iou(t["boxes"], a)) for t, a in zip(targets, anchors)]
+        return self.ssd.compute_loss(targets, head_outputs, anchors, matched)
+
+    def train_epoch(self, cache: SceneCache, epoch: int, bar=None) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(group["base_lr"], epoch, self.config.epochs)
+        order = np.random.default_rng([self.config.seed, 0xDE7, epoch]).permutation(len(cache))
+        self.train_mode()
+        losses = []
+        step = self.config.scene_batch
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            index = torch.from_numpy(idx)
+            parts = self.losses(cache.map16[index], cache.mid[index], [cache.targets[i] for i in idx])
+            loss = sum(parts.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(detector_loss=f"{np.mean(losses):.4f}")
+        self.detector.eval()
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def steps_per_epoch(self, cache: SceneCache) -> int:
+        return math.ceil(len(cache) / self.config.scene_batch)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainingRun:
+    """Networks, their stages and optimisers, and where the run has got to."""
+
+    config: TrainConfig
+    net: EmbeddingNet
+    detector: ProductDetector | None
+    epoch: int = 0  # epochs completed
+    history: list[dict] | None = None
+    run_info: dict | None = None  # split, catalog, products: what the run trained on
+
+    def __post_init__(self) -> None:
+        self.history = self.history or []
+        self.run_info = self.run_info or {}
+        self.embedder_stage = EmbedderStage(self.net, self.config)
+        self.detector_stage = DetectorStage(self.detector, self.config) if self.detector is not None else None
+
+    @classmethod
+    def fresh(cls, config: TrainConfig, weights=None) -> TrainingRun:
+        """ImageNet trunks; the embedder starts from the pretrained model's fixed projection."""
+        torch.manual_seed(config.seed)
+        net = EmbeddingNet.pretrained(EmbedderConfig(image_size=config.image_size, projection_bn=False), weights)
+        detector = ProductDetector.pretrained(DetectorConfig(image_size=config.detector_image_size), weights) if config.detector else None
+        return cls(config, net, detector)
+
+    @classmethod
+    def resume(cls, path, epochs: int | None = None) -> TrainingRun:
+        """Networks, optimisers and progress from a training checkpoint; ``epochs`` may extend the run."""
+        from embed.pipeline import _net_from_checkpoint, load_detector
+
+        loaded = Checkpoint.load(path)
+        extra = loaded.extra
+        if "train_config" not in extra or "optimizers" not in extra:
+            raise BadInput(f"{path} is not a training checkpoint (no train_config/optimizers); it cannot be resumed")
+        config = TrainConfig.from_dict(extra["train_config"])
+        if epochs is not None:
+            config = replace(config, epochs=epochs)
+        run = cls(config, _net_from_checkpoint(loaded, path), load_detector(loaded), int(extra["epoch"]),
+                  list(extra.get("history", [])), dict(extra.get("run_info", {})))
+        run.embedder_stage.optimizer.load_state_dict(extra["optimizers"]["embedder"])
+        if run.detector_stage is not None:
+            run.detector_stage.optimizer.load_state_dict(extra["optimizers"]["detector"])
+        torch.set_rng_state(extra["torch_rng"])
+        return run
+
+    def checkpoint(self) -> Checkpoint:
+        optimizers = {"embedder": self.embedder_stage.optimizer.state_dict()}
+        if self.detector_stage is not None:
+            optimizers["detector"] = self.detector_stage.optimizer.state_dict()
+        extra = {
+            "epoch": self.epoch,
+            "train_config": self.config.to_dict(),
+            "metrics": self.history[-1] if self.history else {},
+            "history": self.history,
+            "run_info": self.run_info,
+            "optimizers": optimizers,
+            "torch_rng": torch.get_rng_state(),
+        }
+        return make_checkpoint(self.net, self.detector, extra)
+
+    def save(self, path) -> None:
+        self.checkpoint().save(path)
+
+    def fit(self, views: ViewCache, scenes: SceneCache | None, output, validation: ValidationCache | None = None,
+            progress: bool | None = None) -> list[dict]:
+        """Train the remaining epochs, checkpointing after each; returns the per-epoch metrics."""
+        while self.epoch < self.config.epochs:
+            epoch = self.epoch
+            torch.manual_seed(self.config.seed * 1000 + epoch)
+            embed_steps = len(self.embedder_stage.sampler(views))
+            det_steps = self.detector_stage.steps_per_epoch(scenes) if (self.detector_stage and scenes) else 0
+            started = time.perf_counter()
+            with _progress(embed_steps + det_steps, f"epoch {epoch + 1}/{self.config.epochs}", progress) as bar:
+                metrics = {"epoch": epoch + 1, "embed_loss": self.embedder_stage.train_epoch(views, epoch, bar)}
+                if det_steps:
+                    metrics["detector_loss"] = self.detector_stage.train_epoch(scenes, epoch, bar)
+            metrics["seconds"] = round(time.perf_counter() - started, 2)
+            if validation is not None:
+                metrics.update(validation.recall(self.embedder_stage))
+            self.epoch += 1
+            self.history.append(metrics)
+            log.info("epoch %d/%d: %s", self.epoch, self.config.epochs,
+                     ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "epoch"))
+            self.save(output)
+        return self.history
