@@ -214,23 +214,34 @@ def ingest_catalog(
     *,
     mark_missing_deleted: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    model: str | None = None,
 ) -> IngestSummary:
     """Bring ``store`` in line with the catalog: embed new and changed images with ``embed_fn``
     (list of RGB images -> float32 (n, dim)), rewrite changed records, and (with
     ``mark_missing_deleted``) tombstone stored items the catalog no longer lists.
 
     Bad rows go to ``STORE/rejects.jsonl`` (replaced at the end of each run) and the job goes on.
+
+    ``model`` (the embedder's hash) is recorded on every embedded record and, once a run
+    completes, in the store's meta. A stored vector is reused only when its record carries the
+    same model: after a model change every item is embedded again (resumably: a killed run's
+    re-embedded items are not redone), and live items left with another model's vector (rows
+    rejected this run) are tombstoned, so the store never mixes two models' vectors.
     """
     if batch_size < 1:
         raise BadInput(f"batch_size {batch_size!r} must be >= 1")
     if store.readonly:
         raise BadInput(f"store {str(store.path)!r} is open read-only; ingest needs CatalogStore.create_or_open")
-    job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels)
+    job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels, model)
     return job.run(mark_missing_deleted)
 
 
 class _Ingest:
-    def __init__(self, catalog_path: Path, store: CatalogStore, embed_fn: EmbedFn, batch_size: int, progress: bool, max_pixels: int):
+    def __init__(self, catalog_path: Path, store: CatalogStore, embed_fn: EmbedFn, batch_size: int, progress: bool,
+                 max_pixels: int, model: str | None = None):
+        self.model = model
+        # A model change (or a store of unknown model): no stored vector may be reused as is.
+        self.model_changed = model is not None and store.model != model
         self.catalog_path = catalog_path
         self.catalog_dir = catalog_path.resolve().parent
         self.store = store
@@ -260,6 +271,9 @@ class _Ingest:
                 self._flush(final=True)
                 if mark_missing_deleted:
                     self._delete_missing()
+                if self.model_changed:
+                    self._delete_other_models()
+                    self.store.set_model(self.model)
                 rejects.commit()
         finally:
             self.progress.close_bar()
@@ -299,8 +313,10 @@ class _Ingest:
             self._reject(Reject(row.line, row.product_id, row.image, f"cannot read {str(path)!r}: {exc.strerror or exc}"))
             return
         record = ItemRecord(product_id=row.product_id, image=row.image, path=str(path), category=row.category,
-                            metadata=row.metadata, content_hash=hashlib.sha256(data).hexdigest())
-        if old is not None and old_has_vector and old.content_hash == record.content_hash:
+                            metadata=row.metadata, content_hash=hashlib.sha256(data).hexdigest(), model=self.model)
+        same_model = self.model is None or (old is not None and old.model == self.model)
+        if old is not None and old_has_vector and old.content_hash == record.content_hash and same_model:
+            record = dataclasses.replace(record, model=old.model)
             self._keep_vector(record, old)
             return
         try:
@@ -367,6 +383,17 @@ class _Ingest:
         if not np.isfinite(vectors).all():
             raise JobFailed(f"embed_fn returned NaN/inf values for a batch of {len(images)} images")
         return vectors
+
+    def _delete_other_models(self) -> None:
+        """Tombstone live items whose vector another model made (their rows were rejected)."""
+        stale: list[int] = []
+        for record in self.store.iter_records():
+            if record.model != self.model:
+                stale.append(record.id)
+            if len(stale) >= DELETE_CHUNK:
+                self.summary.deleted += self.store.mark_deleted(stale)
+                stale = []
+        self.summary.deleted += self.store.mark_deleted(stale)
 
     def _delete_missing(self) -> None:
         if self.rows_read == 0:

@@ -5,7 +5,7 @@ big-endian ids so cursors walk them in id order):
 
 | db           | key                            | value                                   |
 |--------------|--------------------------------|-----------------------------------------|
-| ``meta``     | ``b"store"``                   | JSON: format, dim, vector_dtype, created_at |
+| ``meta``     | ``b"store"``                   | JSON: format, dim, vector_dtype, created_at, model |
 | ``items``    | id                             | JSON :class:`ItemRecord`                |
 | ``vectors``  | id                             | raw ``dim`` floats of ``vector_dtype``  |
 | ``deleted``  | id                             | empty (tombstone index)                 |
@@ -136,6 +136,7 @@ class ItemRecord:
     created_at: str | None = None
     updated_at: str | None = None
     deleted_at: str | None = None
+    model: str | None = None  # hash of the embedder that made the stored vector (None: unknown)
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -310,6 +311,23 @@ class CatalogStore:
     @property
     def vector_dtype(self) -> str:
         return self._current_meta().get("vector_dtype", DEFAULT_VECTOR_DTYPE)
+
+    @property
+    def model(self) -> str | None:
+        """Hash of the embedder whose vectors the store holds, set by a completed ingest."""
+        if self.readonly:
+            self._meta = self._read_meta()
+        return self._meta.get("model")
+
+    def set_model(self, model: str | None) -> None:
+        meta = {**self._meta, "model": model}
+        self._write(lambda txn: txn.put(_STORE_KEY, json.dumps(meta).encode(), db=self._dbs[b"meta"]))
+        self._meta = meta
+
+    @property
+    def generation(self) -> int:
+        """LMDB's last committed write transaction id: changes whenever stored data changes."""
+        return int(self._env.info()["last_txnid"])
 
     def close(self) -> None:
         if self._env is not None:
@@ -585,5 +603,6 @@ class CatalogStore:
             "with_vectors": with_vectors,
             "dim": self.dim,
             "vector_dtype": self.vector_dtype,
+            "model": self.model,
             "map_size": self.map_size,
         }

@@ -22,10 +22,3 @@ def test_embed_ingests_good_rows_rejects_bad_ones_and_is_idempotent(tmp_path, ca
     assert "added 2" in capsys.readouterr().out and (store / "rejects.jsonl").exists()
     assert main(["embed", str(catalog), "--store", str(store)]) == 0
     assert "unchanged 2" in capsys.readouterr().out
-
-
-def test_distributed_ingest_is_reported_as_not_implemented(tmp_path, capsys):
-    catalog = tmp_path / "c.csv"
-    catalog.write_text("product_id,image\n")
-    assert main(["embed", str(catalog), "--store", str(tmp_path / "s"), "--distributed", "ray"]) == 1
-    assert "--distributed ray" in capsys.readouterr().err

@@ -1,0 +1,411 @@
+"""``imgsearch rebuild CATALOG --store STORE --index-root ROOT``: the cron entry.
+
+Stages (each logged as ``rebuild: stage NAME``):
+
+1. **lock**: ``INDEX_ROOT/.rebuild.lock`` (flock + pid). A second run exits 0 with
+   "another rebuild is running (pid N)".
+2. **ingest**: the catalog diff into the store (new/changed images embedded, missing products
+   tombstoned, unchanged ones skipped by content hash *and* model hash).
+3. **train** / **add**: a new version from the store's live vectors (same factory and shard
+   count as the live version when that factory was chosen by hand, else ``auto``), built with
+   ``publish=False``: it lands in ``INDEX_ROOT/<version>/`` but CURRENT is not touched.
+4. **validate**: recall@10 against exact search on queries the build never saw, ntotal equals the
+   store's live vector count, known items' own vectors find them, the manifest's model is the
+   embedder's. A failure deletes the new version and exits 1 with the numbers.
+5. **publish**: CURRENT is replaced atomically (``versions.set_current``).
+6. **notify** (optional): ``POST URL/v1/admin/reload`` with ``$IMGSEARCH_ADMIN_TOKEN``; failures
+   are logged, not fatal.
+7. **gc**: keep the newest ``--keep`` versions and always the live one.
+
+A run killed at any point leaves CURRENT at the previous good version: the store is written
+in kill-safe transactions, a version is complete before it is named, and CURRENT changes in
+one rename. The next run removes leftover staging folders and finishes the job. When the
+store has not changed since the live version was built (same LMDB transaction id, recorded in
+the version's ``rebuild.json``), the run publishes nothing new (``--force`` rebuilds anyway).
+
+``IMGSEARCH_REBUILD_PAUSE_AT=STAGE`` (tests only) prints ``rebuild: paused at STAGE`` and sleeps
+there, so a test can SIGKILL the process at a known point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+
+import numpy as np
+
+from imgsearch.errors import BadInput, JobFailed
+from index import versions
+from index.jobs.lock import AlreadyRunning, JobLock
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".rebuild.lock"
+SIDECAR = "rebuild.json"
+PAUSE_ENV = "IMGSEARCH_REBUILD_PAUSE_AT"
+STAGES = ("lock", "ingest", "train", "add", "validate", "publish", "notify", "gc")
+VALIDATION_QUERIES = 300
+SMOKE_ITEMS = 32
+NOTIFY_TIMEOUT = 10.0
+
+
+class ValidationFailed(JobFailed):
+    code = "validation_failed"
+
+
+@dataclasses.dataclass
+class RebuildConfig:
+    catalog: str
+    store: str
+    index_root: str
+    keep: int = 3
+    target_recall: float = 0.95
+    factory: str | None = None  # None: the live version's hand-picked factory, else auto
+    shards: int | None = None  # None: the live version's shard count, else 1
+    gpu: str = "auto"
+    batch_size: int = 32
+    notify: Sequence[str] = ()
+    force: bool = False
+    seed: int = 0
+    distributed: str | None = None  # "ray" or "ray:ADDRESS"
+    model_spec: str | None = None  # the --model checkpoint (Ray workers load it themselves)
+
+
+@dataclasses.dataclass
+class RebuildResult:
+    status: str  # "published", "unchanged", "skipped" (another run holds the lock)
+    version: str | None = None
+    previous: str | None = None
+    ingest: object = None
+    build_seconds: float = 0.0
+    validation: dict = dataclasses.field(default_factory=dict)
+    removed: list = dataclasses.field(default_factory=list)
+    notified: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    message: str = ""
+
+    def line(self) -> str:
+        ing = self.ingest
+        counts = (f"added {ing.added}, changed {ing.changed}, deleted {ing.deleted}, rejected {ing.rejected}"
+                  if ing is not None else "nothing ingested")
+        if self.status == "published":
+            v = self.validation
+            return (f"published {self.version} (was {self.previous}): {counts}; build {self.build_seconds:.1f} s; "
+                    f"recall@10 {v.get('recall', float('nan')):.3f}, ntotal {v.get('ntotal')}; "
+                    f"removed {len(self.removed)} old version(s); total {self.seconds:.1f} s")
+        if self.status == "unchanged":
+            return f"no changes: {counts}; live version {self.version} is current; total {self.seconds:.1f} s"
+        return self.message
+
+
+# ---------------------------------------------------------------- test hook
+
+
+def pause_point(stage: str) -> None:
+    """Log the stage; when ``IMGSEARCH_REBUILD_PAUSE_AT`` names it, announce and sleep (tests)."""
+    log.info("rebuild: stage %s", stage)
+    if os.environ.get(PAUSE_ENV) == stage:
+        print(f"rebuild: paused at {stage}", flush=True)
+        time.sleep(3600)
+
+
+@dataclasses.dataclass
+class _BuildHooks:
+    """Pause points inside ``build_version`` (train, add) for the kill tests.
+
+    ``index.build`` has no stage callback yet, so when (and only when) the test hook is set,
+    its module-level ``train_index``/``build_shard`` are wrapped for the duration of the build.
+    """
+
+    saved: dict = dataclasses.field(default_factory=dict)
+
+    def __enter__(self):
+        if os.environ.get(PAUSE_ENV) not in ("train", "add"):
+            return self
+        from index import build as build_mod
+
+        self.saved = {"train_index": build_mod.train_index, "build_shard": build_mod.build_shard}
+
+        def train_index(*args, **kwargs):
+            pause_point("train")
+            return self.saved["train_index"](*args, **kwargs)
+
+        def build_shard(*args, **kwargs):
+            pause_point("add")
+            return self.saved["build_shard"](*args, **kwargs)
+
+        build_mod.train_index, build_mod.build_shard = train_index, build_shard
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved:
+            from index import build as build_mod
+
+            for name, fn in self.saved.items():
+                setattr(build_mod, name, fn)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def live_version(index_root: str) -> tuple[str | None, dict | None]:
+    try:
+        name = versions.read_current(index_root)
+        return name, versions.read_manifest(versions.version_dir(index_root, name))
+    except versions.NoIndex:
+        return None, None
+
+
+def read_sidecar(index_root: str, name: str | None) -> dict:
+    if not name:
+        return {}
+    try:
+        with open(os.path.join(index_root, name, SIDECAR)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def build_plan(cfg: RebuildConfig, live_manifest: dict | None, n: int) -> tuple[str, int, str | None]:
+    """(factory, shards, metric): explicit options, else the live version's, else auto."""
+    factory, shards, metric = cfg.factory, cfg.shards, None
+    if live_manifest:
+        metric = live_manifest.get("metric")
+        reasons = (live_manifest.get("factory_choice") or {}).get("reasons") or []
+        if factory is None and "given by the caller" in reasons:
+            factory = live_manifest.get("factory")
+        if shards is None:
+            shards = int(live_manifest.get("shards") or 1)
+    return factory or "auto", max(1, min(shards or 1, n)), metric
+
+
+def remove_stale_staging(index_root: str) -> list[str]:
+    """Staging folders of killed builds (safe: the caller holds the rebuild lock)."""
+    removed = []
+    try:
+        names = os.listdir(index_root)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name.startswith(versions.STAGING_PREFIX):
+            shutil.rmtree(os.path.join(index_root, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        log.info("removed %d leftover staging folder(s): %s", len(removed), ", ".join(sorted(removed)))
+    return removed
+
+
+def remove_version(index_root: str, name: str) -> None:
+    """Rename out of the version namespace first (one atomic step), then delete at leisure."""
+    trash = os.path.join(index_root, f"{versions.STAGING_PREFIX}gc-{name}")
+    os.replace(os.path.join(index_root, name), trash)
+    versions.fsync_dir(index_root)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def gc_versions(index_root: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions; never the one CURRENT names."""
+    if keep < 1:
+        raise BadInput(f"--keep must be >= 1, got {keep}")
+    live, _ = live_version(index_root)
+    # Oldest first. Names start with a UTC second; two builds in one second tie there, so order
+    # by when each manifest was written (the last step of a build).
+    names = sorted(versions.list_versions(index_root), key=lambda n: (
+        os.stat(os.path.join(index_root, n, versions.MANIFEST)).st_mtime_ns, n))
+    kept = set(names[-keep:]) | ({live} if live else set())
+    removed = []
+    for name in names:
+        if name not in kept:
+            remove_version(index_root, name)
+            removed.append(name)
+    if removed:
+        log.info("gc: removed %d old version(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def notify_servers(urls: Sequence[str], version: str, token: str | None = None) -> dict:
+    """POST URL/v1/admin/reload to each server; {url: "ok" | error text}. Never raises."""
+    token = token if token is not None else os.environ.get("IMGSEARCH_ADMIN_TOKEN", "")
+    out = {}
+    for url in urls:
+        target = url.rstrip("/")
+        if not target.endswith("/v1/admin/reload"):
+            target += "/v1/admin/reload"
+        body = json.dumps({"version": version}).encode()
+        req = urllib.request.Request(target, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT) as resp:
+                out[url] = "ok" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
+        except Exception as exc:  # noqa: BLE001 - a dead server must not fail the rebuild
+            out[url] = f"{type(exc).__name__}: {exc}"
+        if out[url] == "ok":
+            log.info("notified %s: reloaded %s", target, version)
+        else:
+            log.warning("notify %s failed (the new version is published anyway): %s", target, out[url])
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_version(index_root: str, name: str, source, *, target_recall: float, model: str | None,
+                     seed: int = 0, n_queries: int = VALIDATION_QUERIES, smoke_items: int = SMOKE_ITEMS) -> dict:
+    """Check a built (unpublished) version through the real read path; raise ValidationFailed."""
+    from index import tune
+    from index.build import sample_rows
+    from index.searcher import open_index
+
+    t0 = time.monotonic()
+    idx = open_index(index_root, version=name)
+    metric = idx.metric
+    # Fresh queries (another seed than the build's tuning): recall the build could not overfit.
+    queries = tune.noisy_queries(source, min(n_queries, source.n), seed + 1000, metric)
+    _, truth = tune.exact_knn(source, queries, tune.K, metric)
+    _, found = idx.search(queries, tune.K)
+    recall = tune.recall_at(found, truth)
+    # Smoke: known items' own vectors find them (or an equally close twin: exact duplicates tie).
+    smoke_ids, smoke_x = sample_rows(source, min(smoke_items, source.n), seed + 2000)
+    scores, ids = idx.search(smoke_x, tune.K)
+    own = np.einsum("nd,nd->n", smoke_x, smoke_x) if metric == "ip" else np.zeros(len(smoke_x), np.float32)
+    hit = (ids == smoke_ids[:, None]).any(axis=1)
+    tie = (scores[:, 0] >= own - 1e-3) if metric == "ip" else (scores[:, 0] <= own + 1e-3)
+    smoke_found = int((hit | tie).sum())
+    out = {"recall": round(float(recall), 4), "target_recall": target_recall, "queries": int(len(queries)),
+           "ntotal": int(idx.ntotal), "store_vectors": int(source.n), "smoke_found": smoke_found,
+           "smoke_items": int(len(smoke_ids)), "model": idx.manifest.get("model"), "expected_model": model,
+           "seconds": round(time.monotonic() - t0, 3)}
+    problems = []
+    if recall < target_recall:
+        problems.append(f"recall@10 {recall:.4f} < target {target_recall:.4f} on {len(queries)} queries")
+    if idx.ntotal != source.n:
+        problems.append(f"ntotal {idx.ntotal} != store live vectors {source.n}")
+    if smoke_found < len(smoke_ids):
+        problems.append(f"smoke: {smoke_found}/{len(smoke_ids)} known items found by their own vectors")
+    if model is not None and idx.manifest.get("model") != model:
+        problems.append(f"manifest model {idx.manifest.get('model')!r} != embedder {model!r}")
+    if problems:
+        raise ValidationFailed(f"validation of {name} failed: {'; '.join(problems)} "
+                               f"(recall@10 {recall:.4f}, ntotal {idx.ntotal}, store {source.n}, "
+                               f"smoke {smoke_found}/{len(smoke_ids)}); nothing published")
+    return out
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_rebuild(cfg: RebuildConfig, embedder) -> RebuildResult:
+    """The whole cron job. ``embedder``: ``.embed_catalog(images) -> (n, dim)``, ``.model_hash``, ``.dim``."""
+    t0 = time.monotonic()
+    os.makedirs(cfg.index_root, exist_ok=True)
+    lock = JobLock(os.path.join(cfg.index_root, LOCK_FILE))
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        msg = f"another rebuild is running (pid {exc.pid}); this run does nothing"
+        log.info(msg)
+        return RebuildResult("skipped", message=msg)
+    try:
+        pause_point("lock")
+        remove_stale_staging(cfg.index_root)
+        result = _run_locked(cfg, embedder)
+    finally:
+        lock.release()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _ingest(cfg: RebuildConfig, embedder):
+    from index.catalog import ingest_catalog
+    from index.store import CatalogStore
+
+    calls = {"n": 0}
+
+    def embed_fn(images):
+        calls["n"] += 1
+        if calls["n"] == 2:  # some batches already stored: the kill lands mid-ingest
+            pause_point("ingest")
+        return embedder.embed_catalog(images)
+
+    log.info("rebuild: stage ingest")
+    if cfg.distributed:
+        from index.jobs.commands import parse_distributed
+        from index.jobs.distributed import distributed_ingest
+
+        return distributed_ingest(cfg.catalog, cfg.store, embedder, parse_distributed(cfg.distributed),
+                                  batch_size=cfg.batch_size, model_spec=cfg.model_spec)
+    with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
+        return ingest_catalog(cfg.catalog, store, embed_fn, cfg.batch_size, progress=sys.stderr.isatty(),
+                              model=embedder.model_hash)
+
+
+def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
+    from index.sources import store_source
+    from index.store import CatalogStore
+
+    previous, live_manifest = live_version(cfg.index_root)
+    summary = _ingest(cfg, embedder)
+    log.info("rebuild: ingest %s", summary.line())
+
+    store = CatalogStore.open_readonly(cfg.store)
+    try:
+        generation = store.generation
+        sidecar = read_sidecar(cfg.index_root, previous)
+        if (not cfg.force and previous and sidecar.get("store_generation") == generation
+                and sidecar.get("store") == os.path.abspath(cfg.store)
+                and live_manifest.get("model") == embedder.model_hash):
+            return RebuildResult("unchanged", version=previous, previous=previous, ingest=summary)
+        source = store_source(store)
+        if source.model != embedder.model_hash:
+            raise JobFailed(f"store {cfg.store!r} holds vectors of model {source.model!r}, not {embedder.model_hash!r}")
+        factory, shards, metric = build_plan(cfg, live_manifest, source.n)
+        t_build = time.monotonic()
+        build = _build(cfg, source, factory, shards, metric)
+        build_seconds = time.monotonic() - t_build
+        name = build.version
+        try:
+            pause_point("validate")
+            validation = validate_version(cfg.index_root, name, source, target_recall=cfg.target_recall,
+                                          model=embedder.model_hash, seed=cfg.seed)
+            versions.write_json_atomic(os.path.join(build.path, SIDECAR), {
+                "store": os.path.abspath(cfg.store), "store_generation": generation,
+                "catalog": os.path.abspath(cfg.catalog), "ingest": dataclasses.asdict(summary),
+                "validation": validation, "build_seconds": round(build_seconds, 3), "previous": previous})
+        except BaseException:
+            remove_version(cfg.index_root, name)
+            raise
+    finally:
+        store.close()
+    pause_point("publish")
+    versions.set_current(cfg.index_root, name)
+    log.info("rebuild: published %s (was %s)", name, previous)
+    notified = {}
+    if cfg.notify:
+        pause_point("notify")
+        notified = notify_servers(cfg.notify, name)
+    pause_point("gc")
+    removed = gc_versions(cfg.index_root, cfg.keep)
+    return RebuildResult("published", version=name, previous=previous, ingest=summary, build_seconds=build_seconds,
+                         validation=validation, removed=removed, notified=notified)
+
+
+def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | None):
+    if cfg.distributed:
+        from index.jobs.commands import parse_distributed
+        from index.jobs.distributed import distributed_build
+
+        return distributed_build(source, cfg.index_root, parse_distributed(cfg.distributed), store_path=cfg.store,
+                                 factory=factory, shards=shards, metric=metric, target_recall=cfg.target_recall,
+                                 gpu=cfg.gpu, seed=cfg.seed)
+    from index.build import build_version
+
+    with _BuildHooks():
+        return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,
+                             target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False)

@@ -1,0 +1,159 @@
+"""imgsearch dedup: union-find, planted near-duplicates, calibration, output format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from index.jobs import dedup
+from index.jobs.unionfind import UnionFind
+
+DIM = 32
+
+
+def test_union_find_components_over_int64():
+    uf = UnionFind()
+    big = (1 << 62) + 7
+    uf.union_pairs([1, 2, big, 10], [2, 3, 1, 11])
+    uf.union(20, 20)
+    assert uf.groups() == [[1, 2, 3, big], [10, 11]]
+    assert uf.find(3) == uf.find(big) != uf.find(10)
+    assert 20 in uf and len(uf) == 7
+
+
+def test_union_find_long_chain_is_shallow():
+    uf = UnionFind()
+    n = 50_000
+    uf.union_pairs(np.arange(n - 1), np.arange(1, n))  # no recursion: no RecursionError
+    assert len(uf.groups()) == 1 and uf.size[uf.find(0)] == n
+
+
+def test_choose_threshold_reaches_target_precision():
+    scores = np.array([0.99, 0.97, 0.95, 0.93, 0.91, 0.90, 0.85, 0.80])
+    labels = np.array([1, 1, 1, 0, 1, 1, 0, 1], bool)
+    got = dedup.choose_threshold(scores, labels, 0.95)
+    assert got["threshold"] == pytest.approx(0.94) and got["precision"] == 1.0 and got["recall"] == 0.5
+    got = dedup.choose_threshold(scores, labels, 0.8)
+    assert got["threshold"] == pytest.approx(0.875) and got["recall"] == pytest.approx(5 / 6, abs=1e-4)
+    with pytest.raises(Exception, match="both"):
+        dedup.choose_threshold(scores, np.ones(8, bool), 0.9)
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def planted_store(tmp_path, seed=0):
+    """300 distinct products (2 images for every 5th), 25 planted duplicate products (5 of them
+    duplicated twice, i.e. groups of 3), and 25 look-alikes (similarity ~0.8) as hard negatives."""
+    from index.store import CatalogStore, ItemRecord
+
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((300, DIM)))
+    records, vectors, truth = [], [], set()
+
+    def add(pid, vec, n=0):
+        records.append(ItemRecord(product_id=pid, image=f"{pid}-{n}.jpg", content_hash=f"{pid}{n}"))
+        vectors.append(vec)
+
+    def near(v, cos):
+        noise = _unit(rng.standard_normal(DIM) - (rng.standard_normal(DIM) @ v) * v)
+        noise -= (noise @ v) * v
+        noise = _unit(noise)
+        return _unit(cos * v + np.sqrt(1 - cos**2) * noise)
+
+    for i, v in enumerate(base):
+        add(f"p{i:03d}", v)
+        if i % 5 == 0:
+            add(f"p{i:03d}", near(v, 0.6), 1)  # a second, different view: not a duplicate
+    for j in range(25):
+        src = f"p{j * 7:03d}"
+        add(f"dup{j:02d}", near(base[j * 7], 0.97))
+        truth.add(tuple(sorted((src, f"dup{j:02d}"))))
+        if j < 5:
+            add(f"dupb{j:02d}", near(base[j * 7], 0.96))
+            truth |= {tuple(sorted((src, f"dupb{j:02d}"))), tuple(sorted((f"dup{j:02d}", f"dupb{j:02d}")))}
+        add(f"look{j:02d}", near(base[j * 7 + 3], 0.80))
+    with CatalogStore.create_or_open(tmp_path / "store", dim=DIM, vector_dtype="float32") as store:
+        for s in range(0, len(records), 100):
+            store.put(records[s:s + 100], np.stack(vectors[s:s + 100]))
+    return tmp_path / "store", truth
+
+
+def build_index(store_path, root):
+    from index.build import build_version
+    from index.sources import store_source
+    from index.store import CatalogStore
+
+    with CatalogStore.open_readonly(store_path) as store:
+        return build_version(store_source(store), str(root), gpu="off", factory="IVF8,Flat")
+
+
+def found_pairs(groups):
+    return {(a, b) for g in groups for a, b, _ in g["pairs"]}
+
+
+def test_dedup_finds_planted_duplicates_only(tmp_path):
+    from index.store import CatalogStore
+
+    store_path, truth = planted_store(tmp_path)
+    build_index(store_path, tmp_path / "index")
+    with CatalogStore.open_readonly(store_path) as store:
+        res = dedup.run_dedup(store, str(tmp_path / "index"), dedup.DedupConfig(threshold=0.9, block_size=64, gpu="off"),
+                              progress=False)
+    assert found_pairs(res.groups) == truth
+    sizes = sorted(len(g["products"]) for g in res.groups)
+    assert sizes == [2] * 20 + [3] * 5
+    # Same result without exact re-scoring, and with tiny blocks (streaming does not change it).
+    with CatalogStore.open_readonly(store_path) as store:
+        res2 = dedup.run_dedup(store, str(tmp_path / "index"),
+                               dedup.DedupConfig(threshold=0.9, block_size=7, rescore=False, gpu="off"), progress=False)
+    assert found_pairs(res2.groups) == truth
+
+
+def test_dedup_skips_same_product_and_deleted(tmp_path):
+    from index.store import CatalogStore
+
+    store_path, truth = planted_store(tmp_path)
+    build_index(store_path, tmp_path / "index")
+    with CatalogStore.create_or_open(store_path) as store:
+        store.delete_product("dup00")
+    with CatalogStore.open_readonly(store_path) as store:
+        res = dedup.run_dedup(store, str(tmp_path / "index"), dedup.DedupConfig(threshold=0.5, gpu="off"), progress=False)
+    pairs = found_pairs(res.groups)
+    assert all(a != b for a, b in pairs)
+    assert not any("dup00" in pair for pair in pairs)
+
+
+def test_cli_output_format_and_calibrate(tmp_path, capsys):
+    from imgsearch.cli import main
+
+    store_path, truth = planted_store(tmp_path)
+    build_index(store_path, tmp_path / "index")
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"a": a, "b": b, "duplicate": True} for a, b in sorted(truth)]
+    rows += [{"a": f"p{j * 7 + 3:03d}", "b": f"look{j:02d}", "duplicate": False} for j in range(25)]
+    rows += [{"a": f"p{i:03d}", "b": f"p{i + 1:03d}", "duplicate": False} for i in range(0, 100, 2)]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "groups.jsonl"
+    code = main(["dedup", "--store", str(store_path), "--index-root", str(tmp_path / "index"), "--output", str(out),
+                 "--calibrate", str(labels), "--target-precision", "0.95", "--gpu", "off"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    calib = json.loads(printed[0])["calibration"]
+    assert 0.8 < calib["threshold"] < 0.96 and calib["precision"] >= 0.95 and calib["recall"] == 1.0
+    assert "group(s)" in printed[-1]
+    groups = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["group"] for g in groups] == list(range(len(groups)))
+    for g in groups:
+        assert set(g) == {"group", "products", "pairs"}
+        assert g["products"] == sorted(g["products"]) and len(g["products"]) >= 2
+        for a, b, score in g["pairs"]:
+            assert a < b and {a, b} <= set(g["products"]) and isinstance(score, float) and score >= calib["threshold"]
+    assert found_pairs(groups) == truth
+    # --threshold and --calibrate together: bad arguments.
+    code = main(["dedup", "--store", str(store_path), "--index-root", str(tmp_path / "index"), "--output", str(out),
+                 "--calibrate", str(labels), "--threshold", "0.9"])
+    assert code == 2
