@@ -10,7 +10,7 @@ PORT ?= 8080
 comma := ,
 STAMP = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install data demo test bench lint train-demo clean
+.PHONY: install data demo test bench lint train-demo browser clean
 
 # The stamp depends on the package metadata, so a second run with nothing changed is a no-op.
 $(STAMP): setup.cfg pyproject.toml
@@ -27,7 +27,16 @@ data: install
 demo: install data
 	$(VENV)/bin/imgsearch demo --port $(PORT)
 
-test: install data
+# The suite covers the Ray path too (a local 2-CPU cluster), so it installs the `distributed` extra.
+# Debian chromium + chromedriver for the web-page test in a real headless browser (system packages).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "browser: installing Debian chromium and chromium-driver$$([ "$$(id -u)" = 0 ] || echo ' with sudo')"; \
+	  S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$S apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$S apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: data browser
+	@$(MAKE) --no-print-directory install EXTRAS=cpu,dev,distributed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: data

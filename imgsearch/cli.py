@@ -24,9 +24,9 @@ HANDLERS: dict[str, str | None] = {
     "build": "index.commands:build_command",
     "search": "index.commands:search_command",
     "serve": "serve.commands:serve_command",
-    "dedup": None,
-    "rebuild": None,
-    "train": None,
+    "dedup": "index.jobs.commands:dedup_command",
+    "rebuild": "index.jobs.commands:rebuild_command",
+    "train": "train.commands:run_train_command",
 }
 
 
@@ -101,24 +101,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--workers", type=_positive_int, default=1)
     p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for image queries (default: pretrained)")
+    p.add_argument("--threads", type=_positive_int, default=16, help="request threads per worker (default 16)")
+    p.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="micro-batching window (1-5 ms): concurrent queries within it are embedded/searched together; "
+                        "0 = off (default: on a CPU-only host it measured slower)")
+    p.add_argument("--max-batch", type=_positive_int, default=64, help="largest micro-batch (default 64)")
+    p.add_argument("--admin-token-env", default="IMGSEARCH_ADMIN_TOKEN", metavar="NAME",
+                   help="environment variable holding the admin Bearer token (default IMGSEARCH_ADMIN_TOKEN)")
+    p.add_argument("--watch-current", type=float, default=0.0, metavar="SECONDS",
+                   help="poll INDEX_ROOT/CURRENT and switch versions when it changes; 0 = off (default; 2 with --workers > 1)")
+    p.add_argument("--shard-of", default=None, metavar="INDEX_ROOT:i/n", help="serve only shard i of n of the live version")
+    p.add_argument("--shards", default=None, metavar="URL,URL,...", help="front server: fan queries out to these shard servers")
+    p.add_argument("--shard-timeout-ms", type=float, default=1000.0, help="per-shard timeout of a front server (default 1000)")
 
     p = sub.add_parser("dedup", help="find groups of near-duplicate products")
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="similarity (inner product of the embeddings) a pair must reach (default 0.90)")
     p.add_argument("--output", required=True, metavar="GROUPS.jsonl")
+    p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
+                   help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
+    p.add_argument("--target-precision", type=_recall, default=0.95, help="precision --calibrate aims for (default 0.95)")
+    p.add_argument("-k", type=_positive_int, default=10, help="neighbours searched per stored vector (default 10)")
+    p.add_argument("--block-size", type=_positive_int, default=4096, help="query vectors per block (default 4096)")
+    p.add_argument("--no-rescore", action="store_true", help="skip the exact re-scoring of pairs with stored vectors")
+    p.add_argument("--nprobe", type=_positive_int, default=None, help="override the index's tuned nprobe")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="search on GPUs when present (default auto)")
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
 
     p = sub.add_parser("rebuild", help="cron entry: embed new/changed -> build -> validate -> publish")
     p.add_argument("catalog", metavar="CATALOG")
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
     p.add_argument("--model", metavar="CKPT", default=None)
+    p.add_argument("--keep", type=_positive_int, default=3, help="index versions kept (the live one always; default 3)")
+    p.add_argument("--notify", metavar="URL,...", default=None,
+                   help="servers to POST /v1/admin/reload after publishing ($IMGSEARCH_ADMIN_TOKEN)")
+    p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 the new version must reach (default 0.95)")
+    p.add_argument("--factory", default=None, help="faiss factory (default: the live version's hand-picked one, else auto)")
+    p.add_argument("--shards", type=_positive_int, default=None, help="shards (default: the live version's)")
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--force", action="store_true", help="build even when the store has not changed")
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
 
     p = sub.add_parser("train", help="train the detector and embedding network on a catalog")
-    p.add_argument("catalog", metavar="CATALOG")
-    p.add_argument("--output", required=True, metavar="CKPT")
-    p.add_argument("--epochs", type=_positive_int, default=None)
-    p.add_argument("--resume", metavar="CKPT", default=None)
+    from train.options import add_train_options  # argparse only: keeps --help free of torch
+
+    add_train_options(p)
     return parser
 
 

@@ -34,6 +34,9 @@ MAX_K = 10_000
 SELECTOR_MAX_FRACTION = 0.2  # above this, a selector saves little over post-filtering
 RERANK_CHUNK = 1 << 20  # candidate vectors gathered at once during re-ranking
 SMALL_BATCH = 16  # below this many queries, re-rank in numpy (no OpenMP wake-up)
+F16_DECODE_MIN = 1 << 14  # float16 values above which faiss' decoder beats numpy's astype
+_SQ_FP16: dict = {}  # dim -> faiss.ScalarQuantizer(QT_fp16), the float16 -> float32 decoder
+_I64_MIN, _I64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
 
 
 def shard_prefix(shard_no: int, n_shards: int) -> str:
@@ -53,6 +56,7 @@ class Part:
     lock: threading.Lock | None = None  # only the mutable delta part has one
     gpu_index: object = None
     name: str = ""
+    direct: object = None  # the IDMap's inner index when its id map is the identity (see _open_part)
     params_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -143,12 +147,85 @@ def _search_part(part: Part, q: np.ndarray, fetch: int, nprobe: int, allowed: np
 
         return gpu.search(part.gpu_index, part.index, q, fetch, nprobe)
     if sel is None and part.lock is None:
-        return part.index.search(q, fetch, params=part.params(nprobe))
+        index = part.index if part.direct is None else part.direct
+        return index.search(q, fetch, params=part.params(nprobe))
     params, _keep = search_params(part.index, nprobe, sel)
     if part.lock is not None:
         with part.lock:
             return part.index.search(q, fetch, params=params)
     return part.index.search(q, fetch, params=params)
+
+
+def _along(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(a, cols, 1)`` for 2-d arrays, without its per-call index building."""
+    n, c = a.shape
+    if n == 1:
+        return a[:, cols[0]]
+    return np.take(a, cols + np.arange(0, n * c, c)[:, None])
+
+
+def _cut(part: Part, key: np.ndarray, rows: np.ndarray, fetch: int):
+    """The first ``fetch`` columns by (key, id) of faiss' key-sorted (key, rows), as a set.
+
+    Only queries whose key ties across the cut change: among the tied candidates they keep the
+    lowest ids (all candidates with a smaller key stay). The order inside the kept set is not
+    (key, id) order; the caller sorts the re-scored candidates anyway.
+    """
+    tie = key[:, fetch - 1] == key[:, fetch]
+    if not tie.any():
+        return key[:, :fetch], rows[:, :fetch]
+    sub = np.flatnonzero(tie)
+    ks, rs = key[sub], rows[sub]
+    v = ks[:, fetch - 1:fetch]
+    u = np.take(part.ids_arr, rs)
+    u[rs < 0] = -1
+    prio = np.where(ks < v, _I64_MIN, np.where(ks == v, u, _I64_MAX))
+    o = np.argsort(prio, axis=1)[:, :fetch]
+    if sub.size == key.shape[0]:
+        return _along(ks, o), _along(rs, o)
+    key, rows = key[:, :fetch].copy(), rows[:, :fetch].copy()
+    key[sub], rows[sub] = _along(ks, o), _along(rs, o)
+    return key, rows
+
+
+def _top_k(key: np.ndarray, uids: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the best ``k`` per row by (key, id): ``np.lexsort((uids, key))[:, :k]``.
+
+    For batches, a plain argsort of the keys (SIMD) is several times faster than lexsort; only
+    the rows whose first k + 1 sorted keys are not strictly increasing (a tie, or NaN) are
+    lexsorted.
+    """
+    n, c = key.shape
+    if n < SMALL_BATCH or c <= k:
+        return np.lexsort((uids, key), axis=-1)[:, :k]
+    o = np.argsort(key, axis=1)[:, :k + 1]
+    ks = _along(key, o)
+    bad = ~np.all(ks[:, 1:] > ks[:, :-1], axis=1)
+    o = o[:, :k]
+    if bad.any():
+        sub = np.flatnonzero(bad)
+        o[sub] = np.lexsort((uids[sub], key[sub]), axis=-1)[:, :k]
+    return o
+
+
+def _f16_to_f32(h: np.ndarray) -> np.ndarray:
+    """float16 rows (n x d) -> float32, bit-exact, with faiss' F16C decoder.
+
+    numpy's ``astype`` has no SIMD path for half floats; faiss' ``ScalarQuantizer`` (QT_fp16)
+    decodes with F16C, in one pass, OpenMP-parallel over rows. Small inputs use ``astype``.
+    """
+    n, d = h.shape
+    if h.size < F16_DECODE_MIN:
+        return h.astype(np.float32)
+    import faiss
+
+    sq = _SQ_FP16.get(d)
+    if sq is None:  # const after construction: threads may share it
+        sq = _SQ_FP16.setdefault(d, faiss.ScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16))
+    h = np.ascontiguousarray(h)
+    out = np.empty((n, d), np.float32)
+    sq.decode_c(faiss.swig_ptr(h.view(np.uint8)), faiss.swig_ptr(out), n)
+    return out
 
 
 @dataclass(frozen=True)
@@ -257,7 +334,7 @@ class IndexVersion:
 
     def _finish(self, scores, ids):
         # Reported scores: similarity for ip (higher better), squared distance for l2.
-        scores = np.array(scores, dtype=np.float32)  # own copy: the caller may keep it
+        scores = np.asarray(scores, dtype=np.float32)  # every path builds a fresh array: no copy
         if self.metric == "ip":
             np.negative(scores, out=scores)
         pad = ids < 0
@@ -326,54 +403,53 @@ class IndexVersion:
         """``_candidates`` + ``_select`` for one part with nothing to filter, without the merge.
 
         Same results: faiss returns each list sorted by key, so the global top-``fetch`` by
-        (key, id) is its first ``fetch`` columns unless keys tie across the cut; only the
-        queries with such a tie are re-sorted by (key, id).
+        (key, id) is its first ``fetch`` columns unless keys tie across the cut (common with
+        fast-scan's quantized distances); ``_cut`` resolves such ties by id. The margin fetched
+        past ``fetch`` is what lets one shard cut exactly where a multi-shard merge would, so a
+        sharded version returns the same ids as an unsharded one.
         """
-        ip = self.metric == "ip"
         want = fetch + max(8, fetch // 4)
         d, r = _search_part(part, q, want, nprobe, None)
-        valid = r >= 0
-        key = np.negative(d) if ip else d
-        key[~valid] = np.inf
-        n_valid = np.minimum(valid.sum(axis=1), fetch)
-        if r.shape[1] > fetch:
-            tie = key[:, fetch - 1] == key[:, fetch]
-            if tie.any():
-                sub = np.flatnonzero(tie)
-                u_sub = np.where(valid[sub], part.ids_arr[np.maximum(r[sub], 0)], -1)
-                o = np.lexsort((u_sub, key[sub]), axis=-1)[:, :fetch]
-                key_sub, r_sub = np.take_along_axis(key[sub], o, 1), np.take_along_axis(r[sub], o, 1)
-                key, r = key[:, :fetch].copy(), r[:, :fetch].copy()
-                key[sub], r[sub] = key_sub, r_sub
-            else:
-                key, r = key[:, :fetch], r[:, :fetch]
+        key = np.negative(d, out=d) if self.metric == "ip" else d  # faiss' fresh arrays: ours
+        dry = r.size and r.min() < 0  # some query ran out of candidates: -1 rows
+        if dry:
             valid = r >= 0
-        uids = part.ids_arr[np.maximum(r, 0)]
-        uids[~valid] = -1
-        found = valid.sum(axis=1)
+            key[~valid] = np.inf
+            n_valid = np.minimum(np.count_nonzero(valid, axis=1), fetch)
+        else:
+            n_valid = np.full(r.shape[0], min(r.shape[1], fetch))
+        if r.shape[1] > fetch:
+            key, r = _cut(part, key, r, fetch)
+            if dry:
+                valid = r >= 0
+        uids = np.take(part.ids_arr, r)  # -1 rows read the last id: overwritten below
+        if dry:
+            uids[~valid] = -1
         if part.rerank_arr is not None:
             key = self._rerank_rows(part, q, r)
-            key[~valid] = np.inf
-        final = np.lexsort((uids, key), axis=-1)[:, :k]
-        at = (np.arange(final.shape[0])[:, None], final)
-        s, i = key[at], uids[at]
+            if dry:
+                key[~valid] = np.inf
+        final = _top_k(key, uids, k)
+        s, i = _along(key, final), _along(uids, final)
         if s.shape[1] < k:  # fewer candidates than k: pad
             pad = k - s.shape[1]
             s = np.hstack([s, np.full((s.shape[0], pad), np.inf, np.float32)])
             i = np.hstack([i, np.full((i.shape[0], pad), -1, np.int64)])
-        return s, i, np.minimum(found, k), n_valid
+        return s, i, np.minimum(n_valid, k), n_valid
 
     def _rerank_rows(self, part: Part, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Keys (ascending) of ``rows`` (-1: none) re-scored with their float16 vectors.
 
-        When the vectors outgrow the RAM budget the rows are read in sorted order (sequential on
-        disk for a cold memmap); they are converted to float32 once and scored by faiss' multi-threaded ``fvec_*_by_idx`` kernels.
+        Rows are gathered with ``np.take`` (a row memcpy; fancy indexing is several times
+        slower). When the vectors outgrow the RAM budget the rows are read in sorted order
+        (sequential on disk for a cold memmap); they are converted to float32 once and scored
+        by faiss' multi-threaded ``fvec_*_by_idx`` kernels.
         """
         import faiss
 
         n, c = rows.shape
         if n < SMALL_BATCH:  # faiss' OpenMP kernels cost ~ms to wake threads for a few queries
-            v = part.rerank_arr[np.maximum(rows, 0).ravel()].astype(np.float32).reshape(n, c, -1)
+            v = np.take(part.rerank_arr, rows.ravel(), axis=0).astype(np.float32).reshape(n, c, -1)
             dots = np.matmul(v, q[:, :, None])[:, :, 0]
             if self.metric == "ip":
                 return np.negative(dots, out=dots)
@@ -392,14 +468,17 @@ class IndexVersion:
                 order = np.argsort(flat)
                 srt = flat[order]
                 nbad = int(np.searchsorted(srt, 0))
-                y = part.rerank_arr[srt[nbad:]].astype(np.float32)
+                y = _f16_to_f32(np.take(part.rerank_arr, srt[nbad:], axis=0))
                 pos = np.empty(flat.size, np.int64)
                 pos[order] = np.arange(-nbad, flat.size - nbad, dtype=np.int64)
                 if nbad:
                     pos[order[:nbad]] = -1
             else:  # fits the page cache: the sort would cost more than the reads it orders
-                y = part.rerank_arr[np.maximum(flat, 0)].astype(np.float32)
-                pos = np.where(flat >= 0, np.arange(flat.size, dtype=np.int64), -1)
+                y = _f16_to_f32(np.take(part.rerank_arr, flat, axis=0))  # -1: a dummy row
+                pos = np.arange(flat.size, dtype=np.int64)
+                bad = flat < 0
+                if bad.any():
+                    pos[bad] = -1
             dis = out[a:a + m]
             kernel(faiss.swig_ptr(dis), faiss.swig_ptr(qq), faiss.swig_ptr(y), faiss.swig_ptr(pos),
                    self.dim, m, c)
@@ -474,7 +553,7 @@ class IndexVersion:
             if not m.any() or part.rerank is None:
                 continue
             uniq, inv = np.unique(rows[m], return_inverse=True)  # sorted reads: sequential on disk
-            vecs[m] = np.asarray(part.rerank[uniq], dtype=np.float32)[inv.ravel()]
+            vecs[m] = _f16_to_f32(np.take(part.rerank_arr, uniq, axis=0))[inv.ravel()]
         dots = np.einsum("nd,ncd->nc", q, vecs)
         if self.metric == "ip":
             exact = -dots
@@ -572,7 +651,21 @@ def _open_part(vdir: str, shard: dict, dim: int, mmap: bool) -> Part:
     if shard.get("rerank"):
         # The float16 vectors are only read for a few candidates per query: always mapped.
         rerank = _load_raw(os.path.join(vdir, shard["rerank"]), np.float16, (n, dim), True)
-    return Part(index, ids, sorted_ids, order, rerank, name=shard["index"])
+    return Part(index, ids, sorted_ids, order, rerank, name=shard["index"], direct=_identity_inner(index))
+
+
+def _identity_inner(index):
+    """The inner index of an ``IndexIDMap`` whose labels are its row numbers (as build writes
+    them), else None. Searching the inner index skips IDMap's OpenMP label translation, which
+    costs more than a whole single-query search of a small Flat index."""
+    import faiss
+
+    if not isinstance(index, faiss.IndexIDMap) or isinstance(index, faiss.IndexIDMap2):
+        return None
+    labels = faiss.vector_to_array(index.id_map)
+    if labels.size != index.index.ntotal or not np.array_equal(labels, np.arange(labels.size)):
+        return None
+    return index.index
 
 
 def _want_mmap(vdir: str, manifest: dict, mmap) -> bool:

@@ -1,23 +1,31 @@
-"""The Flask app: routes only. Query work lives in :mod:`serve.service`."""
+"""The Flask app: routes only. Query work lives in :mod:`serve.service`, admin writes in
+:mod:`serve.admin`/:mod:`serve.products`, the shard endpoint in :mod:`serve.shards`."""
 
 from __future__ import annotations
 
-import logging
+import os
 import time
 
 from flask import Flask, Response, g, jsonify, request, send_file
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from serve.accesslog import log_request
+from serve.admin import DEFAULT_TOKEN_ENV, register_admin_routes
 from serve.errors import ApiError, register_error_handlers
 from serve.metrics import ServerMetrics
 from serve.requests import parse_search_request
+from serve.shards import register_shard_routes
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
-access_log = logging.getLogger("imgsearch.access")
+_FROM_ENV = object()
 
 
-def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None) -> Flask:
-    """``service`` is a :class:`serve.service.SearchService` (or anything with its methods)."""
+def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
+               admin_token=_FROM_ENV, admin_token_env: str = DEFAULT_TOKEN_ENV, reload_hook=None) -> Flask:
+    """``service`` is a :class:`serve.service.SearchService` (or anything with its methods).
+
+    ``admin_token``: the admin Bearer token; by default read from ``$admin_token_env``
+    (unset or empty: admin endpoints answer 403)."""
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False
@@ -25,6 +33,7 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     app.extensions["imgsearch"] = {"service": service, "metrics": metrics}
     service.attach_metrics(metrics)
     register_error_handlers(app)
+    token = os.environ.get(admin_token_env) if admin_token is _FROM_ENV else admin_token
 
     @app.before_request
     def _start_timer_and_check_size() -> None:
@@ -39,9 +48,8 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
         seconds = time.perf_counter() - g.get("start", time.perf_counter())
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.request_seconds.labels(endpoint).observe(seconds)
-        access_log.info(
-            "%s %s %s %d %.1fms", request.remote_addr, request.method, request.path, response.status_code, seconds * 1e3
-        )
+        live = service.live()
+        log_request(request, response, endpoint, seconds, live.version if live is not None else None)
         return response
 
     @app.get("/")
@@ -57,7 +65,8 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
         live = service.live()
         if live is None:
             raise ApiError(503, "not_ready", service.not_ready_reason())
-        return jsonify({"status": "ready", "index_version": live.version, "ntotal": live.ntotal})
+        return jsonify({"status": "ready", "index_version": live.version, "ntotal": live.ntotal, "dim": live.dim,
+                        "metric": "ip" if live.higher_is_better else "l2"})
 
     @app.get("/metrics")
     def prometheus_metrics():
@@ -66,11 +75,15 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     @app.post("/v1/search")
     def search():
         start = time.perf_counter()
-        live = service.live()
-        if live is None:
-            raise ApiError(503, "not_ready", service.not_ready_reason())
-        query = parse_search_request(request, live.dim)
-        body = service.search(live, query)
+        service.arrivals.enter()  # tells the micro-batchers a query is on its way
+        try:
+            live = service.live()
+            if live is None:
+                raise ApiError(503, "not_ready", service.not_ready_reason())
+            query = parse_search_request(request, live.dim)
+            body = service.search(live, query)
+        finally:
+            service.arrivals.leave()
         return jsonify({"index_version": live.version, "took_ms": round((time.perf_counter() - start) * 1e3, 3), **body})
 
     @app.get("/v1/products/<path:product_id>/image")
@@ -82,4 +95,6 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     def product(product_id: str):
         return jsonify(service.product(product_id))
 
+    register_admin_routes(app, service, token=token, token_env=admin_token_env, reload_hook=reload_hook)
+    register_shard_routes(app, service)
     return app

@@ -1,4 +1,19 @@
-"""Handlers of ``imgsearch serve`` and ``imgsearch demo``."""
+"""Handlers of ``imgsearch serve`` and ``imgsearch demo``.
+
+``imgsearch serve`` runs one of three roles:
+- a full server (default): the live version of INDEX_ROOT;
+- a shard server (``--shard-of INDEX_ROOT:i/n``): shard i of n, vector queries only (no
+  embedder is loaded), answering ``/v1/shard/search`` for a front;
+- a front (``--shards URL,...``): no index of its own; fans every query out to the shard
+  servers and joins their merged candidates with STORE.
+
+Workers and live updates: admin writes go through a short-lived writer child
+(:mod:`serve.store_writer`) that takes the store's write lock only for the write, and every
+worker applies the store's updates log before each query (:mod:`serve.updates`), so any
+``--workers`` count is correct. ``POST /v1/admin/reload`` reloads the worker it reaches; with
+``--workers > 1`` every worker also watches CURRENT (every 2 s unless ``--watch-current``),
+so the others follow within the interval.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +22,30 @@ import os
 import sys
 from pathlib import Path
 
+from serve.accesslog import configure_access_log
 from serve.app import create_app
 from serve.server import run_gunicorn
 from serve.service import SearchService
 
 log = logging.getLogger(__name__)
+
+MULTI_WORKER_WATCH_S = 2.0
+# faiss runs a batch of queries as an OpenMP region; on a busy, shared CPU the region's barrier
+# costs more than the search (1M IVF4096,PQ64x4fs, 2 shared cores: 2 queries = 8 ms with 2 OMP
+# threads, 1.1 ms with 1; 32 queries = 0.36 ms/query with 1 thread vs 0.59 ms for one query
+# alone). A server's parallelism comes from its request threads and workers, so each worker
+# searches single-threaded.
+FAISS_THREADS = 1
+# Hand the GIL over faster than the default 5 ms: a request thread waiting on a batch (or the
+# batcher waiting for the GIL) otherwise waits up to one interval per hand-over.
+SWITCH_INTERVAL_S = 0.001
+
+
+def _tune_process() -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(FAISS_THREADS)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def _pipeline_loader(checkpoint: str | None):
@@ -23,23 +57,70 @@ def _pipeline_loader(checkpoint: str | None):
     return load
 
 
-def make_service(index_root, store, checkpoint: str | None = None, *, load_embedder: bool = True) -> SearchService:
+def make_service(index_root, store, checkpoint: str | None = None, *, load_embedder: bool = True, **options) -> SearchService:
     """A service with the live index loaded and, unless told not to, the embedder warm,
     so the first photo query pays no model-load cost."""
-    service = SearchService(index_root, store, embedder_loader=_pipeline_loader(checkpoint))
+    service = SearchService(index_root, store, embedder_loader=_pipeline_loader(checkpoint), **options)
     service.load_current()
     if load_embedder:
         service.warm_embedder()
     return service
 
 
+def _role(args) -> tuple[dict, dict, bool]:
+    """(SearchService options, create_app options, load the embedder?) of the serve role."""
+    from imgsearch.errors import BadInput
+    from serve.shards import fanout_opener, parse_shard_of, shard_opener
+
+    if args.shard_of and args.shards:
+        raise BadInput("--shard-of and --shards exclude each other: a server is a shard or a front")
+    if args.shard_of:
+        try:
+            root, i, n = parse_shard_of(args.shard_of)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        if root is not None and os.path.abspath(root) != os.path.abspath(args.index_root):
+            raise BadInput(f"--shard-of names INDEX_ROOT {root!r} but --index-root is {args.index_root!r}")
+        return {"opener": shard_opener(i, n), "live_updates": False}, {}, False
+    if args.shards:
+        urls = [u.strip() for u in args.shards.split(",") if u.strip()]
+        if not urls:
+            raise BadInput(f"--shards needs at least one URL, got {args.shards!r}")
+        holder: dict = {}
+        opener = fanout_opener(urls, args.shard_timeout_ms / 1e3, lambda: holder.get("metrics"))
+
+        def reload_hook(authorization: str):
+            fanout = holder["service"].live().index if holder["service"].live() else None
+            if fanout is None:
+                return None
+            return fanout.forward("POST", "/v1/admin/reload", {"Authorization": authorization} if authorization else {})
+
+        return {"opener": opener, "live_updates": False, "_holder": holder}, {"reload_hook": reload_hook}, True
+    return {}, {}, True
+
+
 def serve_command(args) -> int:
+    service_options, app_options, load_embedder = _role(args)
+    holder = service_options.pop("_holder", None)
+    watch = args.watch_current or (MULTI_WORKER_WATCH_S if args.workers > 1 and not args.shards else 0.0)
+    configure_access_log()
+
     def app_factory():
+        _tune_process()
         # Each worker opens the index itself (memory-mapped, so the page cache is shared):
         # forking after torch or faiss ran their OpenMP pools can hang the child.
-        return create_app(make_service(args.index_root, args.store, args.model))
+        service = SearchService(args.index_root, args.store, embedder_loader=_pipeline_loader(args.model),
+                                batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, **service_options)
+        app = create_app(service, admin_token_env=args.admin_token_env, **app_options)
+        if holder is not None:
+            holder["service"], holder["metrics"] = service, service.metrics
+        service.load_current()
+        if load_embedder:
+            service.warm_embedder()
+        service.watch_current(watch)
+        return app
 
-    run_gunicorn(app_factory, args.host, args.port, workers=args.workers, preload=False)
+    run_gunicorn(app_factory, args.host, args.port, workers=args.workers, threads=args.threads, preload=False)
     return 0
 
 

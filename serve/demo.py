@@ -15,7 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 0
-DEMO_CHECKPOINT = "model.pt"  # `make train-demo` writes the trained model here
+DEMO_CHECKPOINT = "train/model.ckpt"  # `make train-demo` writes the trained model here
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def prepare_demo(workdir: Path, limit_products: int | None = None) -> Demo:
     # Vectors from another model must never mix with these: one store per model.
     store_path = workdir / f"store-{pipeline.model_hash[:12]}"
     with CatalogStore.create_or_open(store_path, dim=pipeline.dim) as store:
-        summary = ingest_catalog(sample.catalog_csv, store, pipeline.embed_catalog, batch_size=32)
+        summary = ingest_catalog(sample.catalog_csv, store, pipeline.embed_catalog, batch_size=32, model=pipeline.model_hash)
         log.info("demo catalog: %s", summary.line())
         index_root = workdir / "index"
         _ensure_index(store, index_root, pipeline.model_hash)

@@ -27,7 +27,18 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
-            "imgsearch_batch_size", "Queries per search call", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
+            "imgsearch_batch_size", "Queries per micro-batch (kind: search = one index call, embed = one model call)",
+            ["kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+        )
+        self.partial_responses = Counter(
+            "imgsearch_partial_responses", "Queries answered without some shard server", registry=self.registry
+        )
+        self.shard_errors = Counter(
+            "imgsearch_shard_errors", "Shard server calls that failed or timed out", ["shard", "reason"],
+            registry=self.registry,
+        )
+        self.live_updates = Counter(
+            "imgsearch_live_updates", "Admin product writes applied (put, delete)", ["op"], registry=self.registry
         )
         self.index_ntotal = Gauge("imgsearch_index_ntotal", "Vectors in the live index", registry=self.registry)
         self.index_info = Gauge(

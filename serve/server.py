@@ -36,6 +36,7 @@ def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: i
         "threads": threads,
         "preload_app": preload,
         "timeout": 120,
+        "keepalive": 30,  # clients and shard fronts reuse connections
         "graceful_timeout": 10,
         "accesslog": None,  # the app writes its own structured access lines
         "errorlog": "-",

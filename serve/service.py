@@ -4,54 +4,134 @@ The live index is an immutable snapshot object swapped by one attribute
 assignment, so a request that started on the old version finishes on it, and
 per-request search parameters are passed per call, never written into a
 shared index object.
+
+With a batch window (``batch_window_ms`` > 0; off by default, see DEFAULT_BATCH_WINDOW_MS),
+concurrent queries are embedded and searched in batches (:mod:`serve.batcher`); with 0 every
+request embeds and searches alone, in its own thread.
+Live additions and deletions reach the index through the store's updates log
+(:mod:`serve.updates`), which every request checks with one ``stat``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serve import embedding
+from serve.batcher import DEFAULT_MAX_BATCH, Arrivals, MicroBatcher
 from serve.errors import ApiError
 from serve.requests import SearchRequest
+from serve.updates import LogCursor, UpdateLog
 
 log = logging.getLogger(__name__)
 
 # Several images of one product collapse to one result, so fetch more candidates than k.
 OVERFETCH = 4
 MIN_EXTRA_CANDIDATES = 32
+MAX_FETCH = 10_000  # the index's own k limit
+# Two network runs side by side: on a CPU, one batched run with intra-op threads leaves cores
+# idle between layers; two overlapping runs keep them busy (measured in bench/bench_serve.py).
+EMBED_BATCH_THREADS = 2
+# Off by default: on a CPU-only host the server is bound by Python work under the GIL (HTTP,
+# JSON, join), which batching does not shrink, while faiss and ONNX Runtime already run outside
+# the GIL; measured on 2 shared cores, batching cost 10-25% of throughput (bench/bench_serve.py).
+# Turn it on (1-5 ms) where the model or the search is the bottleneck, e.g. on a GPU host.
+DEFAULT_BATCH_WINDOW_MS = 0.0
 
 
 @dataclass(frozen=True)
 class LiveIndex:
     version: str
-    index: Any  # the object index.open_index returns
+    index: Any  # the object index.open_index returns (or a shard fan-out with the same search)
     dim: int
-    ntotal: int
     higher_is_better: bool
+    sharded: bool = False  # a front server over shard servers: responses carry "partial"
+    cursor: LogCursor = field(default_factory=LogCursor, compare=False)  # updates log applied so far
+
+    @property
+    def ntotal(self) -> int:
+        """Searchable vectors; counted when loaded and after each applied update, not per query."""
+        if self.cursor.ntotal is None:
+            self.cursor.ntotal = int(self.index.ntotal)
+        return self.cursor.ntotal
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    live: LiveIndex
+    vector: np.ndarray  # (dim,)
+    fetch: int
+    category: str | None
+
+
+def run_search(index, queries: np.ndarray, fetch: int, category: str | None):
+    """(scores, ids, partial) of one search call; only a shard fan-out can be partial."""
+    if hasattr(index, "search_partial"):
+        return index.search_partial(queries, fetch, category=category)
+    scores, ids = index.search(queries, fetch, category=category)
+    return scores, ids, False
+
+
+def default_opener(index_root: Path, store):
+    """The full live version CURRENT names, with the store's categories and deletions."""
+    from index import open_index
+    from index.sources import store_category_of
+
+    return open_index(
+        str(index_root),
+        category_of=store_category_of(store),
+        deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64),
+    )
 
 
 class SearchService:
-    def __init__(self, index_root: str | Path, store_path: str | Path, embedder=None, embedder_loader=None):
+    def __init__(self, index_root: str | Path, store_path: str | Path, embedder=None, embedder_loader=None, *,
+                 batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH,
+                 opener=None, live_updates: bool = True, store=None):
+        """``store``: an opened CatalogStore to read through (one LMDB handle per process, so
+        several services in one process share one); by default opened read-only on first use."""
         self.index_root = Path(index_root)
         self.store_path = Path(store_path)
         self._embedder = embedder
         self._embedder_loader = embedder_loader
         self._embedder_lock = threading.Lock()
         self._reload_lock = threading.Lock()
+        self._apply_lock = threading.Lock()
+        self._store_lock = threading.Lock()
         self._live: LiveIndex | None = None
         self._last_error = "no index loaded yet"
-        self._store = None
+        self._store = store
+        self._opener = opener or default_opener
+        self.updates = UpdateLog(self.store_path) if live_updates else None
         self.metrics = None
+        self.arrivals = Arrivals()
+        self.batching = batch_window_ms > 0
+        self._search_batcher = MicroBatcher(self._search_batch, window_ms=batch_window_ms, max_batch=max_batch,
+                                            arrivals=self.arrivals, on_batch=self._observe_batch("search"),
+                                            name="search-batcher")
+        self._embed_batcher = MicroBatcher(self._embed_batch, window_ms=batch_window_ms, max_batch=max_batch,
+                                           arrivals=self.arrivals, on_batch=self._observe_batch("embed"),
+                                           name="embed-batcher", threads=EMBED_BATCH_THREADS)
+        self._watch: threading.Thread | None = None
 
     def attach_metrics(self, metrics) -> None:
         self.metrics = metrics
         if self._live is not None:
             metrics.set_index(self._live.version, self._live.ntotal)
+
+    def _observe_batch(self, kind: str):
+        def observe(size: int) -> None:
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(kind).observe(size)
+
+        return observe
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -63,48 +143,78 @@ class SearchService:
 
     def store(self):
         if self._store is None:
-            from index.store import CatalogStore
+            with self._store_lock:
+                if self._store is None:
+                    from index.store import CatalogStore
 
-            self._store = CatalogStore.open_readonly(self.store_path)
+                    self._store = CatalogStore.open_readonly(self.store_path)
         return self._store
 
-    def load_current(self) -> LiveIndex | None:
-        """Open the version CURRENT names and make it live; on failure keep the old one."""
+    def reload(self) -> LiveIndex:
+        """Load, warm and bring up to date the version CURRENT names, then swap it in.
+
+        Requests keep being answered by the old version meanwhile; on failure it stays live
+        and ``ApiError(500, "reload_failed")`` names the reason."""
         with self._reload_lock:
             try:
-                from index import open_index
-                from index.sources import store_category_of
-
-                store = self.store()
-                opened = open_index(
-                    str(self.index_root),
-                    category_of=store_category_of(store),
-                    deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64),
-                )
+                opened = self._opener(self.index_root, self.store())
                 manifest = opened.manifest
                 live = LiveIndex(
                     version=str(manifest["version"]),
                     index=opened,
                     dim=int(manifest["dim"]),
-                    ntotal=int(opened.ntotal),
                     higher_is_better=manifest["metric"] == "ip",
+                    sharded=bool(getattr(opened, "is_fanout", False)),
                 )
                 self._warm(live)
+                self._catch_up(live)  # live additions since the build, before anyone sees it
             except Exception as exc:  # noqa: BLE001 - any failure leaves the old version serving
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("index not loaded from %s: %s", self.index_root, self._last_error)
-                return self._live
+                raise ApiError(500, "reload_failed", f"could not load the index CURRENT names in {str(self.index_root)!r}: "
+                               f"{self._last_error}; still serving {self._live.version if self._live else 'nothing'}") from None
             self._live = live
-            if self.metrics is not None:
-                self.metrics.set_index(live.version, live.ntotal)
+            self._publish_index_metrics(live)
             log.info("serving index version %s (%d vectors)", live.version, live.ntotal)
             return live
+
+    def load_current(self) -> LiveIndex | None:
+        """Open the version CURRENT names and make it live; on failure keep the old one."""
+        try:
+            return self.reload()
+        except ApiError:
+            return self._live
+
+    def _publish_index_metrics(self, live: LiveIndex) -> None:
+        if self.metrics is not None:
+            self.metrics.set_index(live.version, live.ntotal)
 
     @staticmethod
     def _warm(live: LiveIndex) -> None:
         """One query before going live, so the first real request pays no page-in cost."""
         if live.ntotal:
-            live.index.search(np.zeros((1, live.dim), dtype=np.float32), 1)
+            run_search(live.index, np.zeros((1, live.dim), dtype=np.float32), 1, None)
+
+    def watch_current(self, interval_s: float) -> None:
+        """Poll CURRENT every ``interval_s`` and reload when it names another version."""
+        from index import versions
+
+        def loop() -> None:
+            import time
+
+            while True:
+                time.sleep(interval_s)
+                try:
+                    name = versions.read_current(str(self.index_root))
+                    if self._live is None or name != self._live.version:
+                        log.info("CURRENT names %s: reloading", name)
+                        self.load_current()
+                except Exception as exc:  # noqa: BLE001 - the watch must outlive a bad CURRENT
+                    log.warning("watching CURRENT in %s: %s", self.index_root, exc)
+
+        if interval_s > 0 and self._watch is None:
+            self._watch = threading.Thread(target=loop, name="current-watch", daemon=True)
+            self._watch.start()
 
     def embedder(self):
         with self._embedder_lock:
@@ -119,12 +229,42 @@ class SearchService:
 
         self.embedder().embed_queries([Image.new("RGB", (224, 224), (128, 128, 128))])
 
+    # ------------------------------------------------------------------ live updates
+
+    def catch_up(self) -> None:
+        """Apply updates-log entries written since the live index last looked (one stat if none)."""
+        live = self._live
+        if live is not None:
+            self._catch_up(live)
+
+    def _catch_up(self, live: LiveIndex) -> None:
+        if self.updates is None or live.sharded or self.updates.size() <= live.cursor.offset:
+            return
+        with self._apply_lock:
+            entries, offset = self.updates.read_from(live.cursor.offset)
+            for entry in entries:
+                added = np.asarray(entry.get("add", []), np.int64)
+                deleted = np.asarray(entry.get("delete", []), np.int64)
+                try:
+                    if added.size:
+                        live.index.add(added, self.store().vectors_for(added.tolist()))
+                    if deleted.size:
+                        live.index.delete(deleted)
+                except Exception as exc:  # noqa: BLE001 - a bad entry must not fail the queries that found it
+                    log.error("updates log entry %s not applied to version %s: %s: %s", entry, live.version,
+                              type(exc).__name__, exc)
+            live.cursor.offset = offset
+            live.cursor.ntotal = int(live.index.ntotal)
+        if live is self._live:
+            self._publish_index_metrics(live)
+
     # ------------------------------------------------------------------ queries
 
     def _stage(self, name: str):
-        return self.metrics.stage(name)
+        return self.metrics.stage(name) if self.metrics is not None else nullcontext()
 
     def search(self, live: LiveIndex, query: SearchRequest) -> dict:
+        self.catch_up()
         detections: list[dict] = []
         if query.vector is not None:
             vector = query.vector
@@ -132,47 +272,113 @@ class SearchService:
             vector, detections = self._embed_query_image(query.image)
         if vector.shape[-1] != live.dim:
             raise ApiError(500, "dimension_mismatch", f"the embedder makes {vector.shape[-1]}-d vectors, the index holds {live.dim}-d")
-        results = self._distinct_products(live, vector.reshape(1, -1), query.k, query.category)
-        return {"detections": detections, "results": results}
+        results, partial = self._distinct_products(live, vector.reshape(-1), query.k, query.category)
+        body: dict = {"detections": detections, "results": results}
+        if live.sharded:
+            body["partial"] = partial
+        return body
 
     def _embed_query_image(self, data: bytes) -> tuple[np.ndarray, list[dict]]:
         from embed.image_io import decode_image
 
         with self._stage("decode"):
             image = decode_image(data)
-        (query,) = self.embedder().embed_queries([image], stage=self._stage)
+        pipeline = self.embedder()
+        prepared = embedding.prepare(pipeline, image, self._stage)  # in this thread: parallel with others
+        if self.batching:
+            query = self._embed_batcher.submit(prepared)
+        else:
+            self.arrivals.leave()
+            (query,) = embedding.embed_prepared(pipeline, [prepared], self._stage)
         return query.best, query.detections()
 
-    def _distinct_products(self, live: LiveIndex, vector: np.ndarray, k: int, category: str | None) -> list[dict]:
-        """Top k distinct products (best image each), optionally of one category."""
-        if live.ntotal == 0:
-            return []
-        fetch = min(live.ntotal, max(k * OVERFETCH, k + MIN_EXTRA_CANDIDATES))
+    def _embed_batch(self, prepared: list) -> list:
+        pipeline = self.embedder()
+        try:
+            return embedding.embed_prepared(pipeline, prepared, self._stage)
+        except Exception:
+            if len(prepared) == 1:
+                raise
+        results = []  # one bad query must not fail the others: isolate it
+        for one in prepared:
+            try:
+                results.extend(embedding.embed_prepared(pipeline, [one], self._stage))
+            except Exception as exc:  # noqa: BLE001 - handed to that request's thread
+                results.append(exc)
+        return results
+
+    def _search(self, live: LiveIndex, vector: np.ndarray, fetch: int, category: str | None):
+        """(scores, ids, partial) of one query: batched with concurrent ones when enabled."""
+        if self.batching:
+            return self._search_batcher.submit(SearchJob(live, vector, fetch, category))
+        self.arrivals.leave()
+        with self._stage("search"):
+            scores, ids, partial = run_search(live.index, vector.reshape(1, -1), fetch, category)
+        return scores[0], ids[0], partial
+
+    def _search_batch(self, jobs: list[SearchJob]) -> list:
+        """One index call per (version, category, fetch) group: a query's result never
+        depends on which other queries shared its batch."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, job in enumerate(jobs):
+            groups[(id(job.live), job.category, job.fetch)].append(n)
+        out: list = [None] * len(jobs)
+        for members in groups.values():
+            first = jobs[members[0]]
+            queries = np.stack([jobs[n].vector for n in members]).astype(np.float32, copy=False)
+            try:
+                with self._stage("search"):
+                    scores, ids, partial = run_search(first.live.index, queries, first.fetch, first.category)
+                for row, n in enumerate(members):
+                    out[n] = (scores[row], ids[row], partial)
+            except Exception as exc:  # noqa: BLE001 - handed to the group's request threads
+                for n in members:
+                    out[n] = exc
+        return out
+
+    def _distinct_products(self, live: LiveIndex, vector: np.ndarray, k: int, category: str | None) -> tuple[list[dict], bool]:
+        """Top k distinct products (best image each), optionally of one category; and whether
+        some shard did not answer."""
+        ntotal = live.ntotal
+        if ntotal == 0:
+            self.arrivals.leave()
+            return [], False
+        limit = min(ntotal, MAX_FETCH)
+        fetch = min(limit, max(k * OVERFETCH, k + MIN_EXTRA_CANDIDATES))
+        scores, ids, partial = self._search(live, vector, fetch, category)
         while True:
-            with self._stage("search"):
-                scores, ids = live.index.search(vector, fetch, category=category)
             with self._stage("join"):
-                results = self._join(scores[0], ids[0], k)
-            if len(results) >= k or fetch >= live.ntotal:
-                return results
-            fetch = min(live.ntotal, fetch * 4)
+                results = self._join(scores, ids, k)
+            if len(results) >= k or fetch >= limit:
+                return results, partial
+            fetch = min(limit, fetch * 4)  # many images per product: look deeper, alone
+            with self._stage("search"):
+                s, i, more_partial = run_search(live.index, vector.reshape(1, -1), fetch, category)
+            scores, ids, partial = s[0], i[0], partial or more_partial
 
     def _join(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[dict]:
+        """Records of the candidates, best first, until k distinct products: read in chunks, so
+        a query whose first k candidates are k products decodes k records, not all of them."""
         valid = ids >= 0
-        records = self.store().get_many(ids[valid].tolist())
+        ids, scores = ids[valid].tolist(), scores[valid].tolist()
         best: dict[str, dict] = {}
-        for score, record in zip(scores[valid].tolist(), records):
-            if record is None or record.deleted or record.product_id in best:
-                continue
-            best[record.product_id] = {
-                "product_id": record.product_id,
-                "score": round(float(score), 6),
-                "category": record.category,
-                "image": record.image,
-                "metadata": record.metadata,
-            }
-            if len(best) == k:
-                break
+        start = 0
+        while start < len(ids) and len(best) < k:
+            chunk = max(8, (k - len(best)) + (k - len(best)) // 4)
+            records = self.store().get_many(ids[start:start + chunk])
+            for score, record in zip(scores[start:start + chunk], records):
+                if record is None or record.deleted or record.product_id in best:
+                    continue
+                best[record.product_id] = {
+                    "product_id": record.product_id,
+                    "score": round(float(score), 6),
+                    "category": record.category,
+                    "image": record.image,
+                    "metadata": record.metadata,
+                }
+                if len(best) == k:
+                    break
+            start += chunk
         return list(best.values())
 
     # ------------------------------------------------------------------ products
@@ -203,4 +409,3 @@ class SearchService:
         if not path.is_file():
             raise ApiError(404, "image_missing", f"the image file of product {product_id!r} is no longer on disk")
         return path
-

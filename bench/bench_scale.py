@@ -1,0 +1,149 @@
+"""Scale curve on synthetic clustered 128-d vectors (bench/datasets.py ``synth-<N>``, l2, not
+normalised): build time, RAM and QPS at recall@10 >= 0.95 for each size; then k=10,000 at 1M
+(recall@10000 against exact search, per-query time); then the 1B extrapolation.
+
+For each size: ``build_version(npy_source(...), factory=--factory)`` (auto by default), then the
+cheapest measured (nprobe, rerank_factor) reaching the target on the synthetic queries.
+RAM = the version's ``bytes_per_vector['ram']`` (codes + ids + amortised quantizer, as opened)
+and the process RSS growth after ``open_index``.
+
+    .venv/bin/python bench/bench_scale.py                        # 100k and 1M
+    .venv/bin/python bench/bench_scale.py --sizes 100k,1m,5m     # + 5M (long: run in background)
+    .venv/bin/python bench/bench_scale.py --factory-at '1m=IVF4096_HNSW32,PQ64x4fs'  # one size's factory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import datasets  # noqa: E402
+from bench_index import cpu_model, recall, rss_bytes, timed  # noqa: E402
+
+K = 10
+
+
+def bench_size(size: str, args) -> dict:
+    import faiss
+
+    from index.build import build_version
+    from index.searcher import open_index
+    from index.sources import npy_source
+
+    faiss.omp_set_num_threads(args.threads)
+    ds = datasets.load(f"synth-{size}")
+    q, gt = ds.queries[: args.nq], ds.gt[: args.nq, :K]
+    root = tempfile.mkdtemp(prefix=f"scale-{size}-", dir=args.workdir)
+    t0 = time.perf_counter()
+    factory = args.factory_at.get(size, args.factory)
+    r = build_version(npy_source(str(ds.folder / "base.npy"), metric="l2"), root, factory=factory, gpu="off")
+    build_s = time.perf_counter() - t0
+    m = r.manifest
+    rss0 = rss_bytes()
+    idx = open_index(root)
+    rss_open = rss_bytes() - rss0
+    nlist = int(m.get("nlist") or 1)
+    grid = []
+    for rf in args.rerank_grid:
+        for p in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            if p > nlist:
+                break
+            dt, ids = timed(lambda x, p=p, rf=rf: idx.search(x, K, nprobe=p, rerank_factor=rf)[1], q, args.batch)
+            rec = recall(ids, gt)
+            grid.append({"nprobe": p, "rerank_factor": rf, "recall": round(rec, 4), "qps": round(len(q) / dt)})
+            if rec >= args.target:
+                break
+    ok = [g for g in grid if g["recall"] >= args.target] or [max(grid, key=lambda g: g["recall"])]
+    op = max(ok, key=lambda g: g["qps"])
+    best = min(timed(lambda x: idx.search(x, K, nprobe=op["nprobe"], rerank_factor=op["rerank_factor"])[1],
+                     q, args.batch)[0] for _ in range(args.rounds))
+    from index.factory import choose_factory
+
+    out = {"size": size, "n": int(m["ntotal"]), "factory": m["factory"],
+           "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"])).factory, "build_s": round(build_s, 1),
+           "train_s": m["train_seconds"], "bytes_per_vector": m["bytes_per_vector"],
+           "rss_after_open_mb": round(rss_open / 2**20, 1), "operating_point": op,
+           "qps": round(len(q) / best), "ms_per_query": round(1000 * best / len(q), 4), "grid": grid}
+    print(f"{size}: {m['factory']} build {build_s:.0f}s (train {m['train_seconds']:.0f}s) "
+          f"RAM {m['bytes_per_vector']['ram']:.1f} B/vec, RSS +{rss_open / 2**20:.0f} MB; "
+          f"nprobe={op['nprobe']} rf={op['rerank_factor']} R@10={op['recall']:.3f} QPS={out['qps']}", flush=True)
+    if size == args.bigk_at:
+        out["k10000"] = big_k(ds, idx, op, args)
+    shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def big_k(ds, idx, op, args) -> dict:
+    """k=10,000: recall@10000 against exact top-10000 (faiss IndexFlatL2 knn), per-query time."""
+    import faiss
+
+    kk = 10_000
+    q = ds.queries[: args.bigk_queries]
+    base = np.load(ds.folder / "base.npy", mmap_mode="r")
+    t0 = time.perf_counter()
+    _, truth = faiss.knn(q, np.ascontiguousarray(base), kk)
+    exact_s = (time.perf_counter() - t0) / len(q)
+    rows = []
+    for nprobe, rf in args.bigk_points:
+        t0 = time.perf_counter()
+        _, ids = idx.search(q, kk, nprobe=nprobe, rerank_factor=rf)
+        dt = (time.perf_counter() - t0) / len(q)
+        rec = float(np.mean([len(np.intersect1d(a, b)) / kk for a, b in zip(ids, truth)]))
+        rows.append({"nprobe": nprobe, "rerank_factor": rf, "recall@10000": round(rec, 4),
+                     "ms_per_query": round(1000 * dt, 1)})
+        print(f"k=10000: nprobe={nprobe} rf={rf}: recall@10000={rec:.4f}, {1000 * dt:.1f} ms/query "
+              f"(exact flat: {1000 * exact_s:.0f} ms/query)", flush=True)
+    return {"queries": len(q), "exact_ms_per_query": round(1000 * exact_s, 1), "points": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100k,1m")
+    ap.add_argument("--factory", default="auto")
+    ap.add_argument("--factory-at", action="append", default=[], metavar="SIZE=FACTORY",
+                    help="factory for one size only, e.g. '1m=IVF4096_HNSW32,PQ64x4fs' (repeatable)")
+    ap.add_argument("--nq", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", type=float, default=0.95)
+    ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32],
+                    help="rerank factors tried (with nprobe 1..256 each) for the operating point")
+    ap.add_argument("--bigk-at", default="1m")
+    ap.add_argument("--bigk-queries", type=int, default=20)
+    ap.add_argument("--bigk-points", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
+                    default=[(64, 1), (64, 2), (256, 2), (16, 4)], help="nprobe x rerank_factor list, e.g. 64x1,256x2")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "bench_scale.json"))
+    args = ap.parse_args(argv)
+    args.factory_at = dict(v.split("=", 1) for v in args.factory_at)
+    os.environ.setdefault("IMGSEARCH_THREADS", str(args.threads))
+    res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
+           "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
+    for size in args.sizes.split(","):
+        res["sizes"].append(bench_size(size.strip(), args))
+    print("\n| N | factory | build s | train s | RAM B/vec (codes+ids+quantizer) | disk B/vec | nprobe | rerank | R@10 | QPS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for s in res["sizes"]:
+        b, op = s["bytes_per_vector"], s["operating_point"]
+        print(f"| {s['n']:,} | {s['factory']} | {s['build_s']:.0f} | {s['train_s']:.0f} | {b['ram']:.1f} | "
+              f"{b['disk']:.0f} | {op['nprobe']} | {op['rerank_factor']} | {op['recall']:.3f} | {s['qps']} |")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

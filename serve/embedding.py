@@ -1,0 +1,59 @@
+"""Query photos -> vectors for the server, split so that only the network run is batched.
+
+Per request (in the request's own thread, in parallel with other requests): detect, crop,
+letterbox and normalise into a tensor (:func:`prepare`). Per micro-batch (one batcher
+thread): one network call over the tensors of every request in the batch (:func:`embed_prepared`).
+Doing the per-image Python/PIL work in the batcher thread would serialise it and make
+batching slower than no batching on a CPU.
+
+Embedders that are not an ``embed.pipeline.QueryPipeline`` (tests' stand-ins) are embedded
+whole, per batch, through their ``embed_queries``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PreparedQuery:
+    image: Any  # the decoded PIL image
+    regions: list | None = None  # embed.pipeline.Region list, None: embed the image whole
+    tensor: Any = None  # (len(regions), 3, S, S) torch tensor
+
+
+def splittable(pipeline) -> bool:
+    return hasattr(pipeline, "regions") and hasattr(getattr(pipeline, "embedder", None), "embed_tensor")
+
+
+def prepare(pipeline, image, stage=lambda name: nullcontext()) -> PreparedQuery:
+    if not splittable(pipeline):
+        return PreparedQuery(image)
+    from embed.pipeline import crop_with_margin
+
+    with stage("detect"):
+        (regions,) = pipeline.regions([image])
+    crops = [image if not r.from_detector else crop_with_margin(image, r.box, pipeline.margin) for r in regions]
+    return PreparedQuery(image, regions, pipeline.embedder.preprocess(crops))
+
+
+def embed_prepared(pipeline, queries: list[PreparedQuery], stage=lambda name: nullcontext()) -> list:
+    """QueryEmbedding per prepared query, with one network call for all of them."""
+    if any(q.regions is None for q in queries):
+        return pipeline.embed_queries([q.image for q in queries], stage=stage)
+    import torch
+
+    from embed.pipeline import QueryEmbedding
+
+    batch = torch.cat([q.tensor for q in queries])
+    step = getattr(pipeline.embedder, "batch_size", 32)  # bounds the network's activation memory
+    with stage("embed"):
+        vectors = torch.cat([torch.from_numpy(pipeline.embedder.embed_tensor(batch[a:a + step]))
+                             for a in range(0, len(batch), step)]).numpy()
+    out, start = [], 0
+    for q in queries:
+        out.append(QueryEmbedding(q.image.size, q.regions, vectors[start:start + len(q.regions)]))
+        start += len(q.regions)
+    return out
