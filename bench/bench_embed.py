@@ -36,7 +36,7 @@ from embed.image_io import decode_image  # noqa: E402
 from embed.pipeline import crop_with_margin, load_embedder  # noqa: E402
 from embed.torchvision_compat import torchvision  # noqa: E402
 from imgsearch import assets  # noqa: E402
-from imgsearch.cli import _positive_int  # noqa: E402
+from imgsearch.argtypes import positive_int  # noqa: E402
 
 BATCH, SIZE, THREADS = 32, 224, 2
 
@@ -90,8 +90,8 @@ def recall_at_1(query_vectors, query_ids, gallery_vectors, gallery_ids) -> float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--products", type=_positive_int, default=200, help="sample-set size (a quarter are held out as queries)")
-    parser.add_argument("--rounds", type=_positive_int, default=5)
+    parser.add_argument("--products", type=positive_int, default=200, help="sample-set size (a quarter are held out as queries)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 
+from imgsearch.argtypes import positive_int, recall_fraction
 from imgsearch.errors import ImgsearchError, NotImplementedYet
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
@@ -30,31 +31,11 @@ HANDLERS: dict[str, str | None] = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _recall(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
-
-
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factory", default="auto", help="faiss index_factory string, or 'auto' (default)")
-    p.add_argument("--shards", type=_positive_int, default=1, help="number of id-range shards (default 1)")
+    p.add_argument("--shards", type=positive_int, default=1, help="number of id-range shards (default 1)")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="use GPUs when present (default auto)")
-    p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 that auto-tuning must reach")
+    p.add_argument("--target-recall", type=recall_fraction, default=0.95, help="recall@10 that auto-tuning must reach")
     p.add_argument("--metric", choices=["l2", "ip"], default=None, help="distance (default: ip for the store, l2 for --vectors)")
     p.add_argument("--memory-budget", default=None, help="RAM budget for the index, e.g. 2GB (used by --factory auto)")
 
@@ -74,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--model", metavar="CKPT", default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
 
     p = sub.add_parser("build", help="build an index version from the store or a .npy of vectors")
@@ -90,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="STORE", default=None)
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--vectors", metavar="Q.npy", default=None)
-    p.add_argument("-k", type=_positive_int, default=10)
+    p.add_argument("-k", type=positive_int, default=10)
     p.add_argument("--output", metavar="FILE", default=None)
     p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for IMAGE queries")
 
@@ -99,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for image queries (default: pretrained)")
-    p.add_argument("--threads", type=_positive_int, default=16, help="request threads per worker (default 16)")
+    p.add_argument("--threads", type=positive_int, default=16, help="request threads per worker (default 16)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
                    help="micro-batching window (1-5 ms): concurrent queries within it are embedded/searched together; "
                         "0 = off (default: on a CPU-only host it measured slower)")
-    p.add_argument("--max-batch", type=_positive_int, default=64, help="largest micro-batch (default 64)")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="largest micro-batch (default 64)")
     p.add_argument("--admin-token-env", default="IMGSEARCH_ADMIN_TOKEN", metavar="NAME",
                    help="environment variable holding the admin Bearer token (default IMGSEARCH_ADMIN_TOKEN)")
     p.add_argument("--watch-current", type=float, default=0.0, metavar="SECONDS",
@@ -122,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="GROUPS.jsonl")
     p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
                    help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
-    p.add_argument("--target-precision", type=_recall, default=0.95, help="precision --calibrate aims for (default 0.95)")
-    p.add_argument("-k", type=_positive_int, default=10, help="neighbours searched per stored vector (default 10)")
-    p.add_argument("--block-size", type=_positive_int, default=4096, help="query vectors per block (default 4096)")
+    p.add_argument("--target-precision", type=recall_fraction, default=0.95, help="precision --calibrate aims for (default 0.95)")
+    p.add_argument("-k", type=positive_int, default=10, help="neighbours searched per stored vector (default 10)")
+    p.add_argument("--block-size", type=positive_int, default=4096, help="query vectors per block (default 4096)")
     p.add_argument("--no-rescore", action="store_true", help="skip the exact re-scoring of pairs with stored vectors")
-    p.add_argument("--nprobe", type=_positive_int, default=None, help="override the index's tuned nprobe")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="override the index's tuned nprobe")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="search on GPUs when present (default auto)")
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
 
@@ -135,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
     p.add_argument("--model", metavar="CKPT", default=None)
-    p.add_argument("--keep", type=_positive_int, default=3, help="index versions kept (the live one always; default 3)")
+    p.add_argument("--keep", type=positive_int, default=3, help="index versions kept (the live one always; default 3)")
     p.add_argument("--notify", metavar="URL,...", default=None,
                    help="servers to POST /v1/admin/reload after publishing ($IMGSEARCH_ADMIN_TOKEN)")
-    p.add_argument("--target-recall", type=_recall, default=0.95, help="recall@10 the new version must reach (default 0.95)")
+    p.add_argument("--target-recall", type=recall_fraction, default=0.95, help="recall@10 the new version must reach (default 0.95)")
     p.add_argument("--factory", default=None, help="faiss factory (default: the live version's hand-picked one, else auto)")
-    p.add_argument("--shards", type=_positive_int, default=None, help="shards (default: the live version's)")
+    p.add_argument("--shards", type=positive_int, default=None, help="shards (default: the live version's)")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--force", action="store_true", help="build even when the store has not changed")
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
 

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from imgsearch.argtypes import positive_int
 
 
 def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The INTERFACE.md options (CATALOG, --output, --epochs, --resume) and the tuning knobs."""
     p.add_argument("catalog", metavar="CATALOG", help="catalog CSV/JSONL; a split.json next to it is honoured")
     p.add_argument("--output", required=True, metavar="CKPT", help="checkpoint to write (after every epoch)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="total epochs (default 4; on --resume, the checkpoint's)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="total epochs (default 4; on --resume, the checkpoint's)")
     p.add_argument("--resume", metavar="CKPT", default=None, help="continue a run from its checkpoint")
     p.add_argument("--loss", choices=["multisimilarity", "triplet"], default=None, help="metric loss (default triplet: best measured R@1)")
     p.add_argument("--seed", type=int, default=None, help="seed of views, scenes and batches (default 0)")
-    p.add_argument("--views", type=_positive_int, default=None, help="shopper views per train product (default 7)")
-    p.add_argument("--scenes", type=_positive_int, default=None, help="detector training scenes (default 480)")
+    p.add_argument("--views", type=positive_int, default=None, help="shopper views per train product (default 7)")
+    p.add_argument("--scenes", type=positive_int, default=None, help="detector training scenes (default 480)")
     p.add_argument("--no-detector", action="store_true", help="train the embedder only")
-    p.add_argument("--max-products", type=_positive_int, default=None, help="train on at most N train products")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="embedder input side (default 224)")
-    p.add_argument("--detector-image-size", type=_positive_int, default=None, help="detector input side (default 320)")
+    p.add_argument("--max-products", type=positive_int, default=None, help="train on at most N train products")
+    p.add_argument("--image-size", type=positive_int, default=None, help="embedder input side (default 224)")
+    p.add_argument("--detector-image-size", type=positive_int, default=None, help="detector input side (default 320)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation after training")
     p.add_argument("--no-baseline", action="store_true", help="skip the untrained-baseline row of the evaluation")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bars (default: on a terminal)")
