@@ -21,8 +21,6 @@ reader (or a writer killed mid-ingest) never sees one without the other.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +35,7 @@ import lmdb
 import numpy as np
 
 from imgsearch.errors import BadInput, ImgsearchError
+from index.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 
@@ -155,34 +154,23 @@ class ItemRecord:
 
 
 class _WriteLock:
-    """An exclusive flock on ``STORE/write.lock``; the kernel drops it when the holder dies."""
+    """The pid lock on ``STORE/write.lock``, reported as :class:`StoreLocked` when another writer holds it."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd: int | None = None
+        self._lock = JobLock(path)
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreLocked(
-                    f"store {str(self.path.parent)!r} is locked for writing by pid {holder} "
-                    f"(flock on {str(self.path)!r}); one writer at a time"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
+            self._lock.acquire()
+        except AlreadyRunning as exc:
+            raise StoreLocked(
+                f"store {str(self.path.parent)!r} is locked for writing by pid {exc.pid} "
+                f"(flock on {str(self.path)!r}); one writer at a time"
+            ) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            # Leave the file (another process may be blocked on it); closing drops the lock.
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
 
 # ---------------------------------------------------------------- the store

@@ -80,7 +80,7 @@ def test_rebuild_publishes_validates_and_summarises(tmp_path):
 
 def test_second_run_exits_0_while_locked(tmp_path, capsys):
     from imgsearch.cli import main
-    from index.jobs.lock import JobLock
+    from index.pidlock import JobLock
 
     catalog = write_catalog(tmp_path, 10)
     with JobLock(tmp_path / "index" / rb.LOCK_FILE):

@@ -35,8 +35,8 @@ def rebuild_command(args) -> int:
         raise BadInput(f"catalog {cfg.catalog!r} does not exist or is not a file")
     parse_distributed(cfg.distributed)
     # Cheap check first: a second cron run must not pay for loading the model to learn it has nothing to do.
-    from index.jobs.lock import AlreadyRunning, JobLock
     from index.jobs.rebuild import LOCK_FILE
+    from index.pidlock import AlreadyRunning, JobLock
 
     os.makedirs(cfg.index_root, exist_ok=True)
     probe = JobLock(os.path.join(cfg.index_root, LOCK_FILE))

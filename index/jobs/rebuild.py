@@ -43,7 +43,7 @@ import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
 from index import versions
-from index.jobs.lock import AlreadyRunning, JobLock
+from index.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 

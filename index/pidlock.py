@@ -1,4 +1,4 @@
-"""A job lock: an exclusive ``flock`` on a file that also holds the holder's pid.
+"""An exclusive ``flock`` on a file that also holds the holder's pid (store writer, rebuild job).
 
 The kernel drops the lock when its holder dies (even by SIGKILL), so a killed run never
 blocks the next one, and there is no stale-lock cleanup to get wrong.
