@@ -65,7 +65,10 @@ class MicroBatcher:
         self.arrivals = arrivals or Arrivals()
         self._on_batch = on_batch
         self._name = name
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with several batcher threads taking from one
+        # SimpleQueue, CPython 3.11's get(timeout=...) can block forever when another
+        # consumer takes the item it was woken for (seen as a hung test in CI).
+        self._queue: queue.Queue = queue.Queue()
         self._n_threads = threads
         self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
@@ -117,7 +120,10 @@ class MicroBatcher:
                 log.exception("%s: batch of %d failed", self._name, len(jobs))
                 results = [exc] * len(jobs)
             if self._on_batch is not None:
-                self._on_batch(len(jobs))
+                try:
+                    self._on_batch(len(jobs))
+                except Exception:  # noqa: BLE001 - a metrics failure must not lose the answers
+                    log.exception("%s: on_batch hook failed", self._name)
             for (_, future), result in zip(batch, results):
                 if isinstance(result, BaseException):
                     future.set_exception(result)

@@ -110,11 +110,11 @@ def test_concurrent_queries_are_batched_and_answered_as_alone(env):
         barrier.wait()
         got[n] = app_client.post("/v1/search", json={"vector": vectors[n], "k": 4}).get_json()["results"]
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(vectors))]
+    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in range(len(vectors))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
     assert [got[n] for n in range(len(vectors))] == expected
     text = client.get("/metrics").get_data(as_text=True)
     count = float(next(line.split()[-1] for line in text.splitlines() if line.startswith('imgsearch_batch_size_count{kind="search"}')))
@@ -131,11 +131,11 @@ def test_image_queries_batch_the_embed_step(env):
             "/v1/search", data={"image": (io.BytesIO(photo), "q.png"), "k": "1"}, content_type="multipart/form-data")
         results[n] = response.get_json()["results"][0]["product_id"]
 
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(6)]
+    threads = [threading.Thread(target=one, args=(n,), daemon=True) for n in range(6)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(60)
     assert set(results.values()) == {"item-03"}
     assert 'imgsearch_batch_size_count{kind="embed"}' in client.get("/metrics").get_data(as_text=True)
 
