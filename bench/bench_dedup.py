@@ -160,12 +160,17 @@ def quality(args) -> dict:
     from train.sample_data import list_products
 
     products = list_products()
+    if args.products == "heldout":  # products the checkpoint never trained on
+        from train.sample_data import split_products
+
+        held_out = set(split_products(products)[1])
+        products = [p for p in products if p.product_id in held_out]
     if args.limit:
         products = products[: args.limit]
     halves = {"calibration": products[0::2], "evaluation": products[1::2]}
-    pipe = load_pipeline(None)
+    pipe = load_pipeline(args.checkpoint)
     work = Path(tempfile.mkdtemp(prefix="bench-dedup-", dir=args.workdir))
-    res, data = {"model": pipe.model_hash[:16]}, {}
+    res, data = {"model": pipe.model_hash[:16], "checkpoint": args.checkpoint, "products": args.products}, {}
     for name, prods in halves.items():
         catalog, truth, files = make_half(work / name, prods, seed=1 if name == "calibration" else 2)
         t0 = time.monotonic()
@@ -278,6 +283,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["quality", "speed", "all"], nargs="?", default="all")
     ap.add_argument("--limit", type=int, default=0, help="quality: first N products only")
+    ap.add_argument("--checkpoint", default=None, help="quality: trained checkpoint (default: the pretrained backbone)")
+    ap.add_argument("--products", choices=["all", "heldout"], default="all",
+                    help="quality: every sample product, or only those held out of training")
     ap.add_argument("--target-precision", type=float, default=0.95)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=128)

@@ -118,12 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32],
+    ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
                     help="rerank factors tried (with nprobe 1..256 each) for the operating point")
     ap.add_argument("--bigk-at", default="1m")
     ap.add_argument("--bigk-queries", type=int, default=20)
     ap.add_argument("--bigk-points", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
-                    default=[(64, 1), (64, 2), (256, 2), (16, 4)], help="nprobe x rerank_factor list, e.g. 64x1,256x2")
+                    default=[(256, 2), (512, 2), (1024, 1), (1024, 2)], help="nprobe x rerank_factor list, e.g. 64x1,256x2")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "bench_scale.json"))
     args = ap.parse_args(argv)

@@ -1,5 +1,6 @@
 """Factory choice and validation (no index is built here)."""
 
+import numpy as np
 import pytest
 
 from imgsearch.errors import BadInput
@@ -12,8 +13,9 @@ from index.factory import choose_factory, is_exact, nlist_for, parse_bytes, vali
         (5_000, None, "IDMap,Flat", False),  # too small to train
         (20_000, None, "IVF512,PQ64x4fs", False),
         (100_000, None, "IVF1024,PQ64x4fs", False),
-        (2_000_000, None, "IVF16384_HNSW32,PQ64x4fs", False),  # HNSW coarse quantizer from 1M
-        (10_000_000, None, "IVF65536_HNSW32,PQ64x4fs", False),
+        (2_000_000, None, "IVF4096_HNSW32,PQ64x4fs", False),  # HNSW coarse quantizer from 1M
+        (10_000_000, None, "IVF16384_HNSW32,PQ64x4fs", False),
+        (100_000_000, None, "IVF131072_HNSW32,PQ64x4fs", False),  # 16*sqrt(N) lists from 100M
         (1_000_000_000, 64 << 30, "IVF524288_HNSW32,PQ64x4fs", False),
         (1_000_000_000, 30 << 30, "IVF524288_HNSW32,PQ32x4fs", False),  # smaller fast-scan codes
         (1_000_000_000, 16 << 30, "IVF524288_HNSW32,PQ32", True),  # codes on disk, memory-mapped
@@ -33,11 +35,26 @@ def test_nlist_is_power_of_two_with_enough_training_points():
         assert n / nlist >= 39
 
 
-def test_opq_only_for_long_subvectors_and_odd_dims_fall_back_to_plain_pq():
+def test_opq_only_for_long_subvectors():
     assert not choose_factory(100_000, 128).factory.startswith("OPQ")
-    odd = choose_factory(50_000, 30)
-    assert "x4fs" not in odd.factory and not odd.mmap  # 30/2=15 sub-quantizers: no fast-scan split
-    validate_factory(odd.factory, 30, "l2")
+
+
+@pytest.mark.parametrize("dim, expected", [(128, "PQ64x4fs"), (50, "PQ50x4fs"), (30, "PQ30x4fs"), (51, "PQ51x4fs")])
+def test_odd_half_dims_get_one_dim_fast_scan_subquantizers(dim, expected):
+    import faiss
+
+    choice = choose_factory(50_000, dim)
+    assert choice.factory.endswith(expected) and not choice.mmap, choice.factory
+    validate_factory(choice.factory, dim, "ip")
+    # It trains and searches too (fast-scan pads an odd sub-quantizer count).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2_000, dim)).astype(np.float32)
+    index = faiss.index_factory(dim, choice.factory.replace(f"IVF{choice.nlist}", "IVF16"))
+    index.train(x)
+    index.add(x)
+    faiss.extract_index_ivf(index).nprobe = 16
+    _, found = index.search(x[:50], 1)
+    assert (found[:, 0] == np.arange(50)).mean() > 0.9
 
 
 @pytest.mark.parametrize("bad", ["IVF12,PQ7x", "NotAnIndex", "IVF100,PQ33", ""])

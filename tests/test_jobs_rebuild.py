@@ -92,14 +92,15 @@ def test_second_run_exits_0_while_locked(tmp_path, capsys):
 
 
 def test_validation_failure_publishes_nothing(tmp_path, capsys):
-    catalog = write_catalog(tmp_path, 300)
+    catalog = write_catalog(tmp_path, 1000)
     first = rb.run_rebuild(config(tmp_path, catalog), PixelEmbedder(DIM))
-    catalog = write_catalog(tmp_path, 300, changed=30)
-    # One sub-quantizer of 1 bit: 2 codes for 300 vectors; no nprobe or re-rank can reach 0.99.
+    catalog = write_catalog(tmp_path, 1000, changed=30)
+    # One sub-quantizer of 1 bit: 2 codes for 1000 vectors; no nprobe or re-rank (the largest
+    # re-ranks 10 x 64 = 640 candidates, fewer than the 1000 vectors) can reach 0.99.
     with pytest.raises(rb.ValidationFailed) as err:
         rb.run_rebuild(config(tmp_path, catalog, factory="IVF1,PQ1x1", target_recall=0.99), PixelEmbedder(DIM))
     msg = str(err.value)
-    assert "recall@10 0." in msg and "< target 0.9900" in msg and "nothing published" in msg and "ntotal 300" in msg
+    assert "recall@10 0." in msg and "< target 0.9900" in msg and "nothing published" in msg and "ntotal 1000" in msg
     assert versions.read_current(str(tmp_path / "index")) == first.version
     assert versions.list_versions(str(tmp_path / "index")) == [first.version]
     # CLI: exit 1 with the numbers on stderr.
