@@ -2,7 +2,7 @@
 
 The catalog is N real photos (default 10,000): the tuxpaint catalog shots of the sample
 products (train.sample_data), each drawn several times through a random shopper-ish transform
-(JPEG re-encode, resize, crop, recolour; the dedup bench's transforms), one product per image.
+(random crop and scale, sometimes a recolour, JPEG quality 60-95), one product per image.
 The embedder is the real default pipeline (``embed.pipeline.load_pipeline``: ImageNet
 MobileNetV2 + GeM + projection, ONNX Runtime on CPU; ``--checkpoint`` for a trained one).
 
@@ -38,9 +38,21 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
-def write_catalog(folder: Path, n: int, seed: int = 0) -> Path:
+def _variant(shot, rng):
+    """A distinct shopper-ish copy: random crop and scale, sometimes a recolour (exact duplicate
+    images would make recall@10 a matter of tie order)."""
     from bench_dedup import _transform
+    from PIL import Image
 
+    w, h = shot.size
+    cw, ch = int(w * rng.uniform(0.8, 1.0)), int(h * rng.uniform(0.8, 1.0))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    scale = rng.uniform(0.4, 1.0)
+    image = shot.crop((x, y, x + cw, y + ch)).resize((max(16, int(cw * scale)), max(16, int(ch * scale))), Image.BILINEAR)
+    return _transform(image, 3, rng) if rng.random() < 0.3 else image
+
+
+def write_catalog(folder: Path, n: int, seed: int = 0) -> Path:
     from train.sample_data import catalog_shot, list_products
 
     rng = np.random.default_rng(seed)
@@ -52,9 +64,9 @@ def write_catalog(folder: Path, n: int, seed: int = 0) -> Path:
         p = products[i % len(products)]
         if p.product_id not in shots:
             shots[p.product_id] = catalog_shot(p)
-        image = _transform(shots[p.product_id], int(rng.integers(0, 4)), rng) if i >= len(products) else shots[p.product_id]
+        image = _variant(shots[p.product_id], rng) if i >= len(products) else shots[p.product_id]
         name = f"img/{i:06d}.jpg"
-        image.save(folder / name, "JPEG", quality=90)
+        image.save(folder / name, "JPEG", quality=int(rng.integers(60, 96)))
         lines.append(f"item-{i:06d},{name},{p.category}")
     catalog = folder / "catalog.csv"
     catalog.write_text("\n".join(lines) + "\n")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -37,6 +38,20 @@ SMALL_BATCH = 16  # below this many queries, re-rank in numpy (no OpenMP wake-up
 F16_DECODE_MIN = 1 << 14  # float16 values above which faiss' decoder beats numpy's astype
 _SQ_FP16: dict = {}  # dim -> faiss.ScalarQuantizer(QT_fp16), the float16 -> float32 decoder
 _I64_MIN, _I64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+
+try:  # the fused float16 re-rank kernel (setup.py builds it when a C compiler is there)
+    from index import _f16rerank
+except ImportError:
+    _f16rerank = None
+FUSED = _f16rerank is not None  # False: gather + decode + faiss' kernels (tests flip it)
+# Candidates per thread below which a batch's re-rank is not split. Right after a search, faiss'
+# OpenMP workers spin-wait on every core for milliseconds, so a second thread mostly shares a busy
+# core (SIFT, 2 cores, in-search re-rank us/query, split vs not: 256 x 80: 7.2 vs 6.6 idle, 5.9-7.1
+# vs 5.1-5.3 loaded; 1024 x 80: 3.8 vs 3.6 idle, 6.0 vs 7.5 loaded). With OMP_WAIT_POLICY=passive
+# the split pays (256 x 80: 3.6 vs 6.0).
+FUSED_SPLIT_MIN = 1 << 15
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def shard_prefix(shard_no: int, n_shards: int) -> str:
@@ -225,6 +240,45 @@ def _f16_to_f32(h: np.ndarray) -> np.ndarray:
     h = np.ascontiguousarray(h)
     out = np.empty((n, d), np.float32)
     sq.decode_c(faiss.swig_ptr(h.view(np.uint8)), faiss.swig_ptr(out), n)
+    return out
+
+
+def _fused_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import faiss
+
+            workers = max(1, faiss.omp_get_max_threads() - 1)  # the caller scores a slice too
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="f16rerank")
+        return _pool
+
+
+def _fused_keys(base: np.ndarray, q: np.ndarray, rows: np.ndarray, ip: bool) -> np.ndarray:
+    """Ascending keys (squared L2, or -ip) of float16 ``base[rows]`` for float32 queries ``q``;
+    +inf where ``rows < 0``.
+
+    One C pass reads each candidate's float16 row and scores it (no gathered float32 copy). The
+    kernel releases the GIL, so large batches are split by query over a few threads; no OpenMP,
+    whose second runtime would fight faiss' for the cores.
+    """
+    n, c = rows.shape
+    out = np.empty((n, c), np.float32)
+    slices = min(n, n * c // FUSED_SPLIT_MIN)
+    if slices > 1:
+        import faiss
+
+        slices = min(slices, faiss.omp_get_max_threads())
+    if slices <= 1:
+        _f16rerank.distances(q, base, rows, out, ip)
+        return out
+    cut = np.linspace(0, n, slices + 1).astype(int)
+    pool = _fused_pool()
+    futures = [pool.submit(_f16rerank.distances, q[a:b], base, rows[a:b], out[a:b], ip)
+               for a, b in zip(cut[1:-1], cut[2:])]
+    _f16rerank.distances(q[:cut[1]], base, rows[:cut[1]], out[:cut[1]], ip)
+    for f in futures:
+        f.result()
     return out
 
 
@@ -440,11 +494,15 @@ class IndexVersion:
     def _rerank_rows(self, part: Part, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Keys (ascending) of ``rows`` (-1: none) re-scored with their float16 vectors.
 
-        Rows are gathered with ``np.take`` (a row memcpy; fancy indexing is several times
-        slower). When the vectors outgrow the RAM budget the rows are read in sorted order
-        (sequential on disk for a cold memmap); they are converted to float32 once and scored
-        by faiss' multi-threaded ``fvec_*_by_idx`` kernels.
+        With the fused kernel (``_f16rerank``) each row is scored straight from its float16 code
+        (+inf for -1), which saves the separate gather + decode pass. Without it, and for cold
+        vectors (larger than the RAM budget: rows are then read in sorted order, sequential on
+        disk), rows are gathered with ``np.take`` (a row memcpy; fancy indexing is several times
+        slower), converted to float32 once and scored by faiss' multi-threaded
+        ``fvec_*_by_idx`` kernels.
         """
+        if FUSED and not part.cold:
+            return _fused_keys(part.rerank_arr, q, rows, self.metric == "ip")
         import faiss
 
         n, c = rows.shape
@@ -539,11 +597,24 @@ class IndexVersion:
 
     def _rerank(self, st, q, keys, part_no, rows, ok):
         """Exact-ish keys from the float16 vectors (memory-mapped) of the candidates."""
+        if FUSED and not any(p.cold for p in st.parts):
+            return self._rerank_fused(st, q, keys, part_no, rows, ok)
         out = keys.copy()
         step = max(1, RERANK_CHUNK // max(1, rows.shape[1]))  # bounds the gathered n x c x d block
         for a in range(0, q.shape[0], step):
             b = slice(a, a + step)
             out[b] = self._rerank_chunk(st, q[b], keys[b], part_no[b], rows[b], ok[b])
+        return out
+
+    def _rerank_fused(self, st, q, keys, part_no, rows, ok):
+        # The kernel needs no gathered block, so no chunks: one pass per part, other rows masked.
+        out = keys.copy()
+        for p_no, part in enumerate(st.parts):
+            m = ok & (part_no == p_no)
+            if part.rerank_arr is None or not m.any():
+                continue
+            exact = _fused_keys(part.rerank_arr, q, np.where(m, rows, -1), self.metric == "ip")
+            out[m] = exact[m]
         return out
 
     def _rerank_chunk(self, st, q, keys, part_no, rows, ok):
