@@ -65,6 +65,17 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def run_info() -> dict:
+    """Where and how a bench ran: recorded at the top of every results file."""
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(), "command": " ".join(sys.argv)}
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+
+
 def timed(fn, q: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
     out = []
     t0 = time.perf_counter()
@@ -268,13 +279,11 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "bench_index.json"))
     args = ap.parse_args(argv)
     os.environ.setdefault("IMGSEARCH_THREADS", str(args.threads))
-    results = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
-               "args": vars(args), "command": " ".join(sys.argv), "datasets": []}
+    results = {**run_info(), "args": vars(args), "datasets": []}
     for name in args.datasets.split(","):
         results["datasets"].append(bench_dataset(name.strip(), args))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"\nwrote {args.output}")
+    print()
+    write_results(args.output, results)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
-from bench_index import cpu_model, recall  # noqa: E402
+from bench_index import recall, run_info, write_results  # noqa: E402
 
 
 def load_before(rev: str):
@@ -96,8 +95,7 @@ def main(argv=None) -> int:
     fs = {"before": lambda x: old.search(x, 10, nprobe=args.nprobe, rerank_factor=args.rerank),
           "after": lambda x: new.search(x, 10, nprobe=args.nprobe, rerank_factor=args.rerank),
           "raw": lambda x: ref.search(x, 10)}
-    res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
-           "command": " ".join(sys.argv), "dataset": args.dataset, "factory": new.manifest["factory"],
+    res = {**run_info(), "dataset": args.dataset, "factory": new.manifest["factory"],
            "nprobe": args.nprobe, "rerank_factor": args.rerank, "threads": args.threads,
            "before_rev": args.before_rev, "identical": {}, "batches": {}}
     for bs in (256, 7, 1):
@@ -132,9 +130,7 @@ def main(argv=None) -> int:
                   f"R@10 {row[name]['recall@10']:.4f}  vs raw {row[name]['cost_vs_raw']:+.1%}", flush=True)
         res["batches"][str(bs)] = row
     out = args.output or str(Path(__file__).resolve().parent / "results" / f"bench_layer_{args.dataset}.json")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_results(out, res)
     if built:
         shutil.rmtree(root, ignore_errors=True)
     return 0

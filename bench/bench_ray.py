@@ -37,6 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
+from bench_index import run_info, write_results  # noqa: E402
+
 
 def _variant(shot, rng):
     """A distinct shopper-ish copy: random crop and scale, sometimes a recolour (exact duplicate
@@ -138,8 +140,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-ray-", dir=args.workdir))
     t0 = time.monotonic()
     catalog = write_catalog(work, args.n)
-    res = {"n": args.n, "write_catalog_s": round(time.monotonic() - t0, 1), "checkpoint": args.checkpoint,
-           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    res = {**run_info(), "n": args.n, "write_catalog_s": round(time.monotonic() - t0, 1), "checkpoint": args.checkpoint}
     pipeline = load_pipeline(args.checkpoint, batch_size=args.batch_size)
     res["model"] = pipeline.model_hash[:16]
     res["single"], groups_single = run_path("single", catalog, work, args, pipeline, None)
@@ -164,7 +165,7 @@ def main() -> None:
         "dedup": round(res["ray"]["dedup_wall_s"] / max(res["single"]["dedup_wall_s"], 0.01), 2)}
     res["workdir"] = str(work)
     print(json.dumps(res, indent=1), flush=True)
-    Path(args.output).write_text(json.dumps(res, indent=1) + "\n")
+    write_results(args.output, res)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and the process RSS growth after ``open_index``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import datasets  # noqa: E402
-from bench_index import cpu_model, recall, rss_bytes, timed  # noqa: E402
+from bench_index import recall, rss_bytes, run_info, timed, write_results  # noqa: E402
 
 K = 10
 
@@ -129,8 +128,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.factory_at = dict(v.split("=", 1) for v in args.factory_at)
     os.environ.setdefault("IMGSEARCH_THREADS", str(args.threads))
-    res = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
-           "command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
+    res = {**run_info(), "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
     for size in args.sizes.split(","):
         res["sizes"].append(bench_size(size.strip(), args))
     print("\n| N | factory | build s | train s | RAM B/vec (codes+ids+quantizer) | disk B/vec | nprobe | rerank | R@10 | QPS |")
@@ -139,9 +137,7 @@ def main(argv=None) -> int:
         b, op = s["bytes_per_vector"], s["operating_point"]
         print(f"| {s['n']:,} | {s['factory']} | {s['build_s']:.0f} | {s['train_s']:.0f} | {b['ram']:.1f} | "
               f"{b['disk']:.0f} | {op['nprobe']} | {op['rerank_factor']} | {op['recall']:.3f} | {s['qps']} |")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(res, indent=1, default=str) + "\n")
-    print(f"wrote {args.output}")
+    write_results(args.output, res)
     return 0
 
 

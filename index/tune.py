@@ -86,12 +86,12 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float) -> dict:
     reranked = idx.manifest.get("rerank") is not None
     factors = RERANK_FACTORS if reranked else (1,)
     nlist = int(idx.manifest.get("nlist") or 0)
-    trials, best = [], None
+    trials, cheapest_reached = [], np.inf  # cost of the cheapest point reaching the target so far
     for rf in factors:
         last = -1.0
         for nprobe in nprobe_grid(nlist):
             c = cost(nprobe, rf, nlist, idx.ntotal, reranked)
-            if best is not None and c >= best["cost"]:
+            if c >= cheapest_reached:
                 break  # dearer than a point that already reaches the target
             t0 = time.perf_counter()
             _, ids = idx.search(queries, K, nprobe=nprobe, rerank_factor=rf)
@@ -100,8 +100,7 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float) -> dict:
             trials.append({"nprobe": nprobe, "rerank_factor": rf, "recall": round(r, 4),
                            "ms_per_query": round(ms, 4), "cost": c})
             if r >= target:
-                if best is None or c < best["cost"]:
-                    best = trials[-1]
+                cheapest_reached = min(cheapest_reached, c)
                 break  # larger nprobe only costs more at this factor
             if nprobe >= 4 and r <= last + 0.002:
                 break  # plateau: the codes, not the probed lists, limit recall at this factor
