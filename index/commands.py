@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from imgsearch.errors import BadInput, NotImplementedYet
+from imgsearch.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -101,28 +101,32 @@ def search_command(args) -> int:
 
 
 def _search_images(args) -> int:
-    """One JSON object per query image, shaped like the HTTP response (distinct products)."""
+    """One JSON object per query image, shaped like the HTTP response: the same detect -> crop ->
+    embed path as the server, results of the best-scoring detection, every region listed."""
     import time
 
+    from embed.pipeline import load_pipeline
     from index.searcher import open_index
 
-    try:
-        from embed import load_embedder
-    except ImportError:
-        raise NotImplementedYet("image queries need the embedder: not implemented yet") from None
-    embedder = load_embedder(getattr(args, "model", None))
+    pipeline = load_pipeline(getattr(args, "model", None))
     store = _open_store(args.store) if args.store else None
     deleted = np.fromiter(store.deleted_ids(), dtype=np.int64) if store is not None else None
     idx = open_index(args.index_root, deleted_ids=deleted)
+    indexed_model = idx.manifest.get("model")
+    if indexed_model and indexed_model != pipeline.model_hash:
+        log.warning("version %s was embedded by model %s but queries use %s: scores are not comparable",
+                    idx.version, str(indexed_model)[:12], pipeline.model_hash[:12])
     for image in args.images:
         t0 = time.perf_counter()
-        vector = np.asarray(embedder.embed([image]), dtype=np.float32)
+        (query,) = pipeline.embed_queries([image])
+        if query.best.shape[-1] != idx.dim:
+            raise BadInput(f"the model makes {query.best.shape[-1]}-d vectors, version {idx.version} holds {idx.dim}-d")
         # Several images may share a product: fetch extra, keep each product's best image.
-        scores, ids = idx.search(vector, min(4 * args.k, 10_000))
+        scores, ids = idx.search(query.best.reshape(1, -1).astype(np.float32), min(4 * args.k, 10_000))
         results = _join(store, scores[0], ids[0], args.k)
         print(json.dumps({"query": image, "index_version": idx.version,
                           "took_ms": round(1000 * (time.perf_counter() - t0), 3),
-                          "detections": [], "results": results}))
+                          "detections": query.detections(), "results": results}))
     if store is not None and hasattr(store, "close"):
         store.close()
     return 0

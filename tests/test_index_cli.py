@@ -74,8 +74,3 @@ def test_search_errors(files, capsys, tmp_path):
     assert main(["search", "--index-root", str(tmp_path / "nothing"), "--vectors", str(tmp / "q.npy")]) == 2
     assert "CURRENT" in capsys.readouterr().err
     assert main(["search", "--index-root", str(tmp_path)]) == 2  # neither images nor vectors
-    try:
-        from embed import load_embedder  # noqa: F401
-    except ImportError:
-        assert main(["search", "--index-root", str(tmp_path), "photo.jpg"]) == 1
-        assert "image queries need the embedder: not implemented yet" in capsys.readouterr().err
