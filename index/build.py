@@ -225,8 +225,14 @@ def resolve_factory(factory: str, n: int, dim: int, metric: str, memory_budget: 
 def build_version(source: VectorSource, index_root: str, *, factory: str = "auto", shards: int = 1,
                   metric: str | None = None, target_recall: float = 0.95, gpu: str = "auto",
                   memory_budget: int | None = None, seed: int = 0, publish: bool = True,
-                  tune_queries: np.ndarray | None = None, version: str | None = None) -> BuildResult:
-    """Build, tune and (by default) publish a new version of ``index_root``."""
+                  tune_queries: np.ndarray | None = None, version: str | None = None,
+                  shard_builder: ShardBuilder | None = None, build_notes: dict | None = None) -> BuildResult:
+    """Build, tune and (by default) publish a new version of ``index_root``.
+
+    ``shard_builder`` builds the shards from the trained file (default: one after another in
+    this process; :mod:`index.jobs.distributed` passes Ray tasks); ``build_notes`` are added to
+    the manifest's ``build_config``.
+    """
     from index import tune as tune_mod
 
     t0 = time.monotonic()
@@ -241,7 +247,9 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     name = versions.check_name(version or versions.new_version_name())
     staging = versions.make_staging(index_root, name)
     try:
-        manifest = _build_into(staging, source, choice, shards, metric, gpu, seed)
+        manifest = _build_into(staging, source, choice, shards, metric, gpu, seed,
+                               shard_builder or local_shard_builder(source))
+        manifest["build_config"].update(build_notes or {})
         manifest.update(version=name, model=source.model, target_recall=target_recall)
         tuned = tune_mod.tune_version(staging, manifest, source, target_recall, seed=seed, queries=tune_queries)
         manifest.update(tuned)
@@ -272,7 +280,20 @@ def _resolve_gpu(gpu: str) -> str:
     return "on"
 
 
-def _build_into(staging: str, source: VectorSource, choice, shards: int, metric: str, gpu: str, seed: int) -> dict:
+# (trained_path, out_dir, n_shards, rerank) -> one build_shard entry per shard, in shard order
+ShardBuilder = Callable[[str, str, int, bool], list]
+
+
+def local_shard_builder(source: VectorSource) -> ShardBuilder:
+    """Shards built one after another in this process, each streaming the source's blocks."""
+    def build(trained_path: str, out_dir: str, n_shards: int, rerank: bool) -> list:
+        return [build_shard(trained_path, source.blocks, s, n_shards, out_dir, rerank=rerank, total=source.n)
+                for s in range(n_shards)]
+    return build
+
+
+def _build_into(staging: str, source: VectorSource, choice, shards: int, metric: str, gpu: str, seed: int,
+                shard_builder: ShardBuilder) -> dict:
     import faiss
 
     t_train = time.monotonic()
@@ -287,8 +308,7 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
     _write_index(trained, trained_path)
     train_seconds = time.monotonic() - t_train
     rerank = not factory_mod.is_exact(choice.factory)
-    entries = [build_shard(trained_path, source.blocks, s, shards, staging, rerank=rerank, total=source.n)
-               for s in range(shards)]
+    entries = shard_builder(trained_path, staging, shards, rerank)
     ntotal = sum(e["ntotal"] for e in entries)
     if ntotal != source.n:
         raise JobFailed(f"indexed {ntotal} vectors, the source has {source.n}")

@@ -79,6 +79,7 @@ def test_ray_rebuild_with_parallel_shards(cluster, tmp_path):
     assert res.status == "published" and res.validation["ntotal"] == 150
     manifest = versions.read_manifest(versions.version_dir(str(tmp_path / "index")))
     assert manifest["shards"] == 3 and manifest["model"] == PixelEmbedder(DIM).model_hash
+    assert manifest["build_config"]["distributed"] == "ray (3 shard task(s))" and manifest["measured_recall"] is not None
     with CatalogStore.open_readonly(tmp_path / "store") as store:
         ref = build_version(store_source(store), str(tmp_path / "ref"), factory="IVF4,Flat", shards=3, gpu="off")
         ids, x = next(store.iter_blocks(40))

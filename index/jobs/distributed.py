@@ -29,7 +29,7 @@ import uuid
 
 import numpy as np
 
-from imgsearch.errors import JobFailed, NotImplementedYet
+from imgsearch.errors import NotImplementedYet
 
 log = logging.getLogger(__name__)
 
@@ -216,56 +216,20 @@ def _build_shard_task(trained_path: str, store_path: str, shard_no: int, n_shard
 def distributed_build(source, index_root: str, address: str | None, *, store_path: str, factory: str = "auto",
                       shards: int = 1, metric: str | None = None, target_recall: float = 0.95, gpu: str = "auto",
                       seed: int = 0):
-    """Train once here, build the shards as parallel Ray tasks, tune, commit (not publish)."""
-    from index import build as B
-    from index import factory as factory_mod
-    from index import tune as tune_mod
-    from index import versions
+    """``build_version`` with its shards built as parallel Ray tasks: train once here, tune,
+    commit (not publish: the rebuild job validates first)."""
+    from index.build import build_version
 
     ray = connect(address)
-    t0 = time.monotonic()
-    metric = metric or source.default_metric
-    choice = B.resolve_factory(factory, source.n, source.dim, metric, None)
-    gpu = B._resolve_gpu(gpu)
-    name = versions.new_version_name()
-    staging = versions.make_staging(index_root, name)
-    try:
-        size = B.training_size(source.n, choice.nlist)
-        _, sample = B.sample_rows(source, size, seed)
-        trained = B.train_index(choice.factory, source.dim, metric, sample, gpu)
-        del sample
-        trained_path = os.path.join(staging, B.TRAINED)
-        B._write_index(trained, trained_path)
-        train_seconds = time.monotonic() - t0
-        rerank = not factory_mod.is_exact(choice.factory)
-        task = ray.remote(num_cpus=1)(_build_shard_task)
-        entries = ray.get([task.remote(trained_path, store_path, s, shards, staging, rerank) for s in range(shards)])
-        entries.sort(key=lambda e: e["shard"])
-        ntotal = sum(e["ntotal"] for e in entries)
-        if ntotal != source.n:
-            raise JobFailed(f"indexed {ntotal} vectors, the source has {source.n}")
-        manifest = {
-            "format": B.FORMAT, "dim": source.dim, "metric": metric, "factory": choice.factory,
-            "factory_choice": choice.as_dict(), "nlist": choice.nlist, "ntotal": ntotal, "shards": shards,
-            "shard_of": "splitmix64(id) % shards", "shard_files": entries, "trained_index": B.TRAINED,
-            "rerank": {"kind": "float16 memmap", "dtype": "float16"} if rerank else None,
-            "mmap_recommended": bool(choice.mmap),
-            "bytes_per_vector": B._bytes_per_vector(staging, entries, ntotal, trained),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "train_size": int(min(size, source.n)), "train_seconds": round(train_seconds, 3),
-            "build_config": {"factory": choice.factory, "shards": shards, "metric": metric, "gpu": gpu, "seed": seed,
-                             "source": source.description, "train_size": int(min(size, source.n)),
-                             "distributed": f"ray ({shards} shard task(s))"},
-            "version": name, "model": source.model, "target_recall": target_recall,
-        }
-        manifest.update(tune_mod.tune_version(staging, manifest, source, target_recall, seed=seed))
-        manifest["build_seconds"] = round(time.monotonic() - t0, 3)
-        versions.write_json_atomic(os.path.join(staging, versions.MANIFEST), manifest)
-        path = versions.commit_staging(index_root, staging, name)
-    except BaseException:
-        versions.discard_staging(staging)
-        raise
-    return B.BuildResult(name, path, manifest)
+    task = ray.remote(num_cpus=1)(_build_shard_task)
+
+    def ray_shards(trained_path: str, out_dir: str, n_shards: int, rerank: bool) -> list:
+        entries = ray.get([task.remote(trained_path, store_path, s, n_shards, out_dir, rerank) for s in range(n_shards)])
+        return sorted(entries, key=lambda e: e["shard"])
+
+    return build_version(source, index_root, factory=factory, shards=shards, metric=metric,
+                         target_recall=target_recall, gpu=gpu, seed=seed, publish=False, shard_builder=ray_shards,
+                         build_notes={"distributed": f"ray ({shards} shard task(s))"})
 
 
 # ---------------------------------------------------------------- dedup
