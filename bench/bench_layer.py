@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     q = np.ascontiguousarray(ds.queries[: args.nq], dtype=np.float32)
     gt = ds.gt[: args.nq, :10]
     old, new = before_mod.open_index(root), after_mod.open_index(root)
-    ids = np.asarray(new._state.parts[0].ids)
+    ids = new.indexed_ids()[: int(new.manifest["shard_files"][0]["ntotal"])]  # shard file 0, row order
     raw = faiss.read_index(os.path.join(new.path, new.manifest["shard_files"][0]["index"]))
     mt = faiss.METRIC_INNER_PRODUCT if ds.metric == "ip" else faiss.METRIC_L2
     sq = faiss.IndexScalarQuantizer(ds.base.shape[1], faiss.ScalarQuantizer.QT_fp16, mt)

@@ -90,7 +90,7 @@ def indexed_ids(index_root: Path) -> np.ndarray:
     from index.searcher import open_index
 
     idx = open_index(str(index_root))
-    return np.sort(np.concatenate([np.asarray(p.ids) for p in idx._state.parts]))
+    return np.sort(idx.indexed_ids())
 
 
 def run_path(name: str, catalog: Path, work: Path, args, pipeline, distributed: str | None) -> dict:

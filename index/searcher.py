@@ -312,6 +312,25 @@ class IndexVersion:
         self.nlist = int(manifest.get("nlist") or 0)
 
     # -- facts -----------------------------------------------------------------------------
+    def indexed_ids(self, *, searchable: bool = False) -> np.ndarray:
+        """int64 ids of the stored rows: part by part (the shard files in manifest order, then
+        the in-RAM additions), each in row order, so one shard file's ids line up with its faiss
+        rows. ``searchable=True``: only rows a search can return (deleted and superseded rows
+        left out)."""
+        st = self._state
+        out = []
+        for p in st.parts:
+            ids = np.asarray(p.ids, np.int64)
+            if searchable and p.dead_rows.size:
+                keep = np.ones(ids.shape[0], bool)
+                keep[p.dead_rows] = False
+                ids = ids[keep]
+            out.append(ids)
+        ids = np.concatenate(out) if out else np.empty(0, np.int64)
+        if searchable and st.tombstones.size:
+            ids = ids[~np.isin(ids, st.tombstones)]
+        return ids
+
     @property
     def ntotal(self) -> int:
         """Stored vectors that can be returned (deleted and superseded ones excluded)."""
@@ -750,8 +769,24 @@ def _want_mmap(vdir: str, manifest: dict, mmap) -> bool:
     return size > default_memory_budget()
 
 
+def shard_files_of(manifest: dict, shards: tuple[int, int] | None) -> list[dict]:
+    """The manifest's shard-file entries that shard ``i`` of ``n`` serves: files ``j`` with
+    ``j % n == i`` (all of them for None). The version needs at least n shard files."""
+    files = list(manifest["shard_files"])
+    if shards is None:
+        return files
+    i, n = (int(v) for v in shards)
+    if not (n >= 1 and 0 <= i < n):
+        raise BadInput(f"shards must be (i, n) with 0 <= i < n, got {shards!r}")
+    if len(files) < n:
+        raise BadInput(f"version {manifest['version']!r} has {len(files)} shard file(s); cannot open shard {i} of {n} "
+                       f"(build it with --shards {n} or a multiple)")
+    return [s for j, s in enumerate(files) if j % n == i]
+
+
 def open_index(index_root: str, version: str | None = None, *, mmap="auto", gpu: str = "off",
-               category_of=None, ids_of_category=None, deleted_ids=None) -> IndexVersion:
+               category_of=None, ids_of_category=None, deleted_ids=None,
+               shards: tuple[int, int] | None = None) -> IndexVersion:
     """Open the live version (or ``version``) of INDEX_ROOT, read-only.
 
     ``mmap``: True/False/"auto" (auto maps shards larger than the RAM budget; plain-PQ
@@ -759,11 +794,18 @@ def open_index(index_root: str, version: str | None = None, *, mmap="auto", gpu:
     ``category_of(ids) -> categories`` enables ``search(category=...)``;
     ``ids_of_category(cat) -> ids`` lets selective categories use an IDSelector.
     ``deleted_ids``: ids to tombstone (e.g. the store's deleted items).
+    ``shards=(i, n)``: open only shard files ``j`` with ``j % n == i`` (one shard server's
+    share, see :func:`shard_files_of`); its ``manifest`` then has ``shard_of: [i, n]`` and that
+    share's ``ntotal``. Searching every share and merging by (score, id) gives the full
+    version's results.
     """
     vdir = versions.version_dir(index_root, version)
     manifest = versions.read_manifest(vdir)
     use_mmap = _want_mmap(vdir, manifest, mmap)
-    parts = [_open_part(vdir, s, int(manifest["dim"]), use_mmap) for s in manifest["shard_files"]]
+    mine = shard_files_of(manifest, shards)
+    parts = [_open_part(vdir, s, int(manifest["dim"]), use_mmap) for s in mine]
+    if shards is not None:
+        manifest = dict(manifest, shard_of=[int(shards[0]), int(shards[1])], ntotal=sum(int(s["ntotal"]) for s in mine))
     tomb = [np.asarray(deleted_ids if deleted_ids is not None else [], np.int64).ravel()]
     tomb_path = os.path.join(vdir, "tombstones.npy")
     if os.path.exists(tomb_path):

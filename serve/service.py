@@ -9,7 +9,9 @@ With a batch window (``batch_window_ms`` > 0; off by default, see DEFAULT_BATCH_
 concurrent queries are embedded and searched in batches (:mod:`serve.batcher`); with 0 every
 request embeds and searches alone, in its own thread.
 Live additions and deletions reach the index through the store's updates log
-(:mod:`serve.updates`), which every request checks with one ``stat``.
+(:mod:`serve.updates`), which every request checks with one ``stat``. After a reload the log
+is compacted: lines every version under INDEX_ROOT already holds are dropped, the rest
+reduced to the last operation per id.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from serve import embedding
 from serve.batcher import DEFAULT_MAX_BATCH, Arrivals, MicroBatcher
 from serve.errors import ApiError
 from serve.requests import SearchRequest
-from serve.updates import LogCursor, UpdateLog
+from serve.updates import LogCursor, UpdateLog, covered_through, version_coverage
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,8 @@ class SearchService:
                     higher_is_better=manifest["metric"] == "ip",
                     sharded=bool(getattr(opened, "is_fanout", False)),
                 )
+                if getattr(opened, "path", None):
+                    live.cursor.covered = version_coverage(opened.path, self.store_path)
                 self._warm(live)
                 self._catch_up(live)  # live additions since the build, before anyone sees it
             except Exception as exc:  # noqa: BLE001 - any failure leaves the old version serving
@@ -176,7 +180,21 @@ class SearchService:
             self._live = live
             self._publish_index_metrics(live)
             log.info("serving index version %s (%d vectors)", live.version, live.ntotal)
+            if not live.sharded:
+                self.compact_updates()
             return live
+
+    def compact_updates(self) -> dict | None:
+        """Compact the updates log (see :mod:`serve.updates`): drop the lines every version
+        under INDEX_ROOT holds, reduce the rest to the last operation per id. Never raises."""
+        if self.updates is None or not self.updates.size():
+            return None
+        try:
+            return self.updates.compact(covered_through(self.index_root, self.store_path),
+                                        store_generation=self.store().generation)
+        except Exception as exc:  # noqa: BLE001 - a failed compaction leaves the old log, still valid
+            log.warning("updates log %s not compacted: %s: %s", self.updates.path, type(exc).__name__, exc)
+            return None
 
     def load_current(self) -> LiveIndex | None:
         """Open the version CURRENT names and make it live; on failure keep the old one."""
@@ -238,11 +256,20 @@ class SearchService:
             self._catch_up(live)
 
     def _catch_up(self, live: LiveIndex) -> None:
-        if self.updates is None or live.sharded or self.updates.size() <= live.cursor.offset:
+        if self.updates is None or live.sharded or not self.updates.changed(live.cursor):
             return
         with self._apply_lock:
-            entries, offset = self.updates.read_from(live.cursor.offset)
-            for entry in entries:
+            cursor = live.cursor
+            got = self.updates.read(cursor)
+            if got.rewritten:
+                log.info("updates log %s was compacted: version %s re-reads it from epoch %s", self.updates.path,
+                         live.version, got.epoch)
+            if got.must_cover and (cursor.covered is None or cursor.covered < got.must_cover):
+                self._fill_from_store(live, got.must_cover)
+            for entry in got.entries:
+                gen = entry.get("gen")
+                if cursor.covered is not None and isinstance(gen, int) and gen <= cursor.covered:
+                    continue  # committed before this version's build read the store: built in
                 added = np.asarray(entry.get("add", []), np.int64)
                 deleted = np.asarray(entry.get("delete", []), np.int64)
                 try:
@@ -253,10 +280,44 @@ class SearchService:
                 except Exception as exc:  # noqa: BLE001 - a bad entry must not fail the queries that found it
                     log.error("updates log entry %s not applied to version %s: %s: %s", entry, live.version,
                               type(exc).__name__, exc)
-            live.cursor.offset = offset
-            live.cursor.ntotal = int(live.index.ntotal)
+            cursor.offset, cursor.epoch, cursor.stat = got.offset, got.epoch, got.stat
+            cursor.ntotal = int(live.index.ntotal)
         if live is self._live:
             self._publish_index_metrics(live)
+
+    def _fill_from_store(self, live: LiveIndex, dropped_through: int) -> None:
+        """Bring ``live`` up to the store when the updates log no longer holds lines it needs.
+
+        Compaction dropped lines up to store generation ``dropped_through``, which this version
+        cannot show it was built from (it has no ``rebuild.json``, or an older one). The store
+        is the truth: every stored, undeleted vector the version does not hold is added, every
+        deleted item is tombstoned; the log's remaining lines are then replayed on top. A full
+        pass over the store's ids: slow on a large store, but only a version older than the
+        compacted log (or built without a recorded generation) ever needs it."""
+        log.warning("version %s was not built from store generation %d or later, and the updates log no longer "
+                    "holds those lines: adding the store's missing items from the store itself", live.version,
+                    dropped_through)
+        store = self.store()
+        indexed = getattr(live.index, "indexed_ids", None)
+        if indexed is None:
+            log.error("version %s cannot list its ids: live updates up to store generation %d may be missing",
+                      live.version, dropped_through)
+            return
+        have = np.unique(indexed(searchable=True))
+        chunk = 1 << 16
+        added = 0
+        ids = np.fromiter(store.iter_live_ids(), dtype=np.int64)
+        missing = np.setdiff1d(ids, have, assume_unique=False)
+        for start in range(0, missing.size, chunk):
+            part = missing[start:start + chunk]
+            part = part[np.asarray(store.has_vectors(part.tolist()), dtype=bool)]
+            if part.size:
+                live.index.add(part, store.vectors_for(part.tolist()))
+                added += int(part.size)
+        deleted = np.fromiter(store.deleted_ids(), dtype=np.int64)
+        if deleted.size:
+            live.index.delete(deleted)
+        log.warning("version %s: %d item(s) added from the store, %d tombstoned", live.version, added, deleted.size)
 
     # ------------------------------------------------------------------ queries
 

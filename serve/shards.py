@@ -25,7 +25,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -65,26 +64,11 @@ def shard_opener(i: int, n: int):
     """An opener (for :class:`serve.service.SearchService`) of shard i of n of CURRENT."""
 
     def open_shard(index_root, store):
-        from index import versions
-        from index.searcher import IndexVersion, _open_part, _want_mmap
+        from index import open_index
         from index.sources import store_category_of
 
-        vdir = versions.version_dir(str(index_root))
-        manifest = versions.read_manifest(vdir)
-        files = manifest["shard_files"]
-        if len(files) < n:
-            raise ValueError(f"version {manifest['version']!r} has {len(files)} shard file(s); cannot serve shard {i} of {n} "
-                             f"(build it with --shards {n} or a multiple)")
-        mine = [s for j, s in enumerate(files) if j % n == i]
-        mmap = _want_mmap(vdir, manifest, "auto")
-        parts = [_open_part(vdir, s, int(manifest["dim"]), mmap) for s in mine]
-        tomb = [np.fromiter(store.deleted_ids(), dtype=np.int64)]
-        tomb_path = os.path.join(vdir, "tombstones.npy")
-        if os.path.exists(tomb_path):
-            tomb.append(np.load(tomb_path).astype(np.int64))
-        own = dict(manifest, shard_of=[i, n], ntotal=sum(int(s["ntotal"]) for s in mine))
-        return IndexVersion(vdir, own, parts, np.concatenate(tomb), None,
-                            category_of=store_category_of(store), mmap=mmap)
+        return open_index(str(index_root), shards=(i, n), category_of=store_category_of(store),
+                          deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64))
 
     return open_shard
 

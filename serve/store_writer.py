@@ -5,8 +5,9 @@ already reads through its read-only handle; and the store has one writer at a ti
 which a long-lived server must not hold, or ``imgsearch embed``/``rebuild`` could never write.
 So each admin write spawns ``python -m serve.store_writer STORE``, which takes the write lock,
 commits, appends one line to the updates log (:mod:`serve.updates`), prints the result as
-JSON and exits. Any number of workers or front processes can do this; the lock serialises
-them, and a busy store answers 503 ``store_locked``.
+JSON and exits (after releasing the store's lock, it compacts the log once the log has grown
+past ``serve.updates.COMPACT_MIN_BYTES``). Any number of workers or front processes can do
+this; the lock serialises them, and a busy store answers 503 ``store_locked``.
 
 Requests (one JSON object on stdin):
 - ``{"op": "put_product", "record": {...ItemRecord fields...}, "vector": [floats]}``: store the
@@ -90,12 +91,19 @@ def main(argv: list[str]) -> int:
     except StoreLocked as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_LOCKED
+    updates = UpdateLog(store_path)
     with store:
         result = handler(store, request)
         if result["add"] or result["delete"]:
-            # After the commit, under the same lock: log order is commit order.
-            UpdateLog(store_path).append({"at": _now(), "pid": os.getpid(), "add": result["add"], "delete": result["delete"]})
-    print(json.dumps(result))
+            # After the commit, under the same lock: log order is commit order, and ``gen`` (the
+            # store's generation after this write) tells which index builds already hold it.
+            updates.append({"at": _now(), "pid": os.getpid(), "gen": store.generation,
+                            "add": result["add"], "delete": result["delete"]})
+    print(json.dumps(result), flush=True)
+    try:  # the store's lock is released: a long log is compacted without blocking other store writers
+        updates.compact_if_large()
+    except Exception as exc:  # noqa: BLE001 - the write is done; the old log is still valid
+        print(f"updates log not compacted: {type(exc).__name__}: {exc}", file=sys.stderr)
     return 0
 
 

@@ -105,6 +105,50 @@ def test_sharded_search_equals_unsharded(sharded_roots, data):
         np.testing.assert_allclose(s1, s3, rtol=1e-5, atol=1e-5)
 
 
+def test_open_index_shards_opens_exactly_that_shards_ids(sharded_roots, data):
+    _, ids, _, _ = data
+    full = open_index(sharded_roots[3])
+    sizes = [int(s["ntotal"]) for s in full.manifest["shard_files"]]
+    by_file = np.split(full.indexed_ids(), np.cumsum(sizes)[:-1])  # shard files in manifest order
+    np.testing.assert_array_equal(np.sort(full.indexed_ids()), np.sort(ids))
+    for i in range(3):
+        one = open_index(sharded_roots[3], shards=(i, 3))
+        np.testing.assert_array_equal(one.indexed_ids(), by_file[i])
+        assert one.manifest["shard_of"] == [i, 3] and one.manifest["ntotal"] == one.ntotal == sizes[i]
+    halves = [open_index(sharded_roots[3], shards=(i, 2)).indexed_ids() for i in range(2)]
+    np.testing.assert_array_equal(halves[0], np.concatenate([by_file[0], by_file[2]]))
+    np.testing.assert_array_equal(halves[1], by_file[1])
+    for bad in ((3, 3), (-1, 2), (0, 0), (0, 4)):
+        with pytest.raises(BadInput, match="shard"):
+            open_index(sharded_roots[3], shards=bad)
+
+
+def test_shards_opened_apart_merge_to_the_unsharded_results(tmp_path, data):
+    """Flat (exact): each shard server's top k, merged by (score, id), is the full top k."""
+    x, ids, q, _ = data
+    root = str(tmp_path / "flat4")
+    build_version(array_source(x[:4000], ids[:4000], metric="ip"), root, factory="Flat", shards=4, version="f")
+    full = open_index(root)
+    s_full, i_full = full.search(q, 25)
+    parts = [open_index(root, shards=(i, 2)).search(q, 25) for i in range(2)]
+    s, i = np.hstack([p[0] for p in parts]), np.hstack([p[1] for p in parts])
+    order = np.lexsort((i, -s), axis=-1)[:, :25]
+    np.testing.assert_array_equal(np.take_along_axis(i, order, 1), i_full)
+    np.testing.assert_allclose(np.take_along_axis(s, order, 1), s_full, rtol=1e-5, atol=1e-5)
+
+
+def test_indexed_ids_searchable_leaves_out_deleted_and_superseded_rows(sharded_roots, data):
+    _, ids, q, _ = data
+    idx = open_index(sharded_roots[3])
+    idx.delete(ids[:4])
+    idx.add(ids[4:6], q[:2])  # replaces two stored vectors: old rows superseded, new rows added
+    stored = idx.indexed_ids()
+    assert stored.size == N + 2 and np.isin(ids[:4], stored).all()
+    live = idx.indexed_ids(searchable=True)
+    assert live.size == idx.ntotal == N - 4 and np.unique(live).size == live.size
+    assert not np.isin(ids[:4], live).any() and np.isin(ids[4:6], live).all()
+
+
 def test_k_larger_than_ntotal_pads_and_k_10000_works(sharded_roots, tmp_path, data):
     x, ids, q, _ = data
     small = str(tmp_path / "small")
