@@ -251,6 +251,8 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
                                shard_builder or local_shard_builder(source))
         manifest["build_config"].update(build_notes or {})
         manifest.update(version=name, model=source.model, target_recall=target_recall)
+        if source.store is not None:
+            manifest["store"] = source.store  # which store writes the version holds (serve.updates)
         tuned = tune_mod.tune_version(staging, manifest, source, target_recall, seed=seed, queries=tune_queries)
         manifest.update(tuned)
         manifest["build_seconds"] = round(time.monotonic() - t0, 3)

@@ -31,6 +31,9 @@ class VectorSource:
     default_metric: str  # "ip" for normalised embeddings (store), "l2" for raw vectors
     model: str | None = None  # checkpoint hash of the embedder, None for raw vectors
     description: str = ""
+    # A catalog store's absolute path and its generation (LMDB txn id) read BEFORE any of its
+    # vectors: every write committed at or before it is in what ``blocks`` yields.
+    store: dict | None = None
 
 
 def as_float32(block: np.ndarray) -> np.ndarray:
@@ -90,6 +93,8 @@ def npy_source(path: str, ids_path: str | None = None, *, metric: str | None = N
 
 def store_source(store, *, metric: str | None = None, deleted: np.ndarray | None = None) -> VectorSource:
     """The LMDB catalog store (``index.store.CatalogStore``): stored, non-deleted vectors."""
+    # First, so that the recorded generation never claims a write the blocks might miss.
+    generation = getattr(store, "generation", None)
     stats = store.stats() if hasattr(store, "stats") else {}
     stats = stats if isinstance(stats, dict) else getattr(stats, "__dict__", {})
     if deleted is None and hasattr(store, "deleted_ids"):
@@ -110,7 +115,10 @@ def store_source(store, *, metric: str | None = None, deleted: np.ndarray | None
     model = stats.get("model") or stats.get("model_hash") or getattr(store, "model", None)
     if not store.dim or not n:
         raise BadInput(f"store {getattr(store, 'path', '')!s} holds no vectors to index")
-    return VectorSource(blocks, n, int(store.dim), metric or "ip", model, "store")
+    origin = None
+    if isinstance(generation, int) and getattr(store, "path", None) is not None:
+        origin = {"path": os.path.abspath(store.path), "generation": generation}
+    return VectorSource(blocks, n, int(store.dim), metric or "ip", model, "store", origin)
 
 
 def _count_vectors(stats: dict, blocks: BlockIter, deleted: np.ndarray) -> int:

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 LOG_NAME = "serve-updates.jsonl"
 LOCK_NAME = "serve-updates.lock"
 HEADER_PREFIX = b'{"epoch":'  # the header is the only line that starts with its epoch
+MANIFEST_NAME = "manifest.json"  # index.versions.MANIFEST
 BUILD_SIDECAR = "rebuild.json"  # index.jobs.rebuild.SIDECAR: {"store": path, "store_generation": int, ...}
 # The store writer compacts (without dropping anything) once the log passes this size and has
 # at least doubled since its last compaction: amortised O(1) rewriting per appended byte.
@@ -131,17 +132,25 @@ def _entries(data: bytes, base: int, where: str) -> list[tuple[int, dict]]:
 
 def version_coverage(version_dir: str | os.PathLike, store_path: str | os.PathLike) -> int | None:
     """The store generation an index version was built from, if it records one for this store
-    (the rebuild job's ``rebuild.json``); None when unknown."""
-    try:
-        with open(os.path.join(version_dir, BUILD_SIDECAR)) as f:
-            sidecar = json.load(f)
-        same = os.path.realpath(sidecar["store"]) == os.path.realpath(store_path)
-        generation = sidecar["store_generation"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not same or isinstance(generation, bool) or not isinstance(generation, int):
-        return None
-    return generation
+    (the manifest's ``store``, written by every build from a store; older versions: the rebuild
+    job's ``rebuild.json``); None when unknown."""
+    for name, path_key, generation_key in ((MANIFEST_NAME, ("store", "path"), ("store", "generation")),
+                                           (BUILD_SIDECAR, ("store",), ("store_generation",))):
+        try:
+            with open(os.path.join(version_dir, name)) as f:
+                record = json.load(f)
+            path, generation = record, record
+            for key in path_key:
+                path = path[key]
+            for key in generation_key:
+                generation = generation[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if os.path.realpath(path) != os.path.realpath(store_path):
+            return None  # built from another store: its generations mean nothing here
+        if isinstance(generation, int) and not isinstance(generation, bool):
+            return generation
+    return None
 
 
 def covered_through(index_root: str | os.PathLike, store_path: str | os.PathLike) -> int:

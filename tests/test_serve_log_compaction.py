@@ -384,11 +384,42 @@ def test_nothing_is_dropped_while_a_version_does_not_say_what_it_holds(env):
     service, client = _client(env)
     green, green_vector = _png_b64((20, 220, 20))
     client.post("/v1/products", json={"product_id": "green", "image_base64": green}, headers=AUTH)
-    generation = service.store().generation
     build_version(store_source(service.store()), str(index_root), factory="auto", version="v2")
-    _write_sidecar(index_root, "v2", store_path, generation)  # v1 has no rebuild.json
+    # v1 as a version from before builds recorded their store generation (or from --vectors):
+    manifest_path = Path(index_root) / "v1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["store"]
+    manifest_path.write_text(json.dumps(manifest))
     assert client.post("/v1/admin/reload", headers=AUTH).status_code == 200
     header, _ = UpdateLog(store_path).header()
     assert header is None or header["dropped_through"] == 0
+    fresh, fresh_client = _client(env)
+    assert _top(fresh_client, green_vector)[0] == "green" and fresh.live().ntotal == 13
+
+
+def test_a_plain_build_records_its_store_generation_so_the_log_shrinks_without_rebuild(env):
+    """``imgsearch build --store`` (no rebuild job, no rebuild.json): the manifest says which
+    store writes the version holds, and a reload to it drops every line it holds."""
+    import shutil
+
+    from index.build import build_version
+    from index.sources import store_source
+
+    _, store_path, index_root = env
+    service, client = _client(env)
+    green, green_vector = _png_b64((20, 220, 20))
+    assert client.post("/v1/products", json={"product_id": "green", "image_base64": green}, headers=AUTH).status_code == 201
+    log = UpdateLog(store_path)
+    assert len(log.read(LogCursor()).entries) == 1
+    generation = service.store().generation
+    built = build_version(store_source(service.store()), str(index_root), factory="auto", version="v2")
+    assert built.manifest["store"] == {"path": os.path.abspath(store_path), "generation": generation}
+    assert updates.version_coverage(built.path, store_path) == generation
+    assert updates.version_coverage(built.path, store_path.parent / "another-store") is None
+    shutil.rmtree(index_root / "v1")
+    assert client.post("/v1/admin/reload", headers=AUTH).status_code == 200
+    header, head_len = log.header()
+    assert header["dropped_through"] == generation and log.size() == head_len  # the header alone
+    assert log.read(LogCursor()).entries == []
     fresh, fresh_client = _client(env)
     assert _top(fresh_client, green_vector)[0] == "green" and fresh.live().ntotal == 13
