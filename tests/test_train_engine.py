@@ -13,7 +13,7 @@ from train.sample_data import build_sample_set
 torch.set_num_threads(2)
 
 # Small images and few views: the point is the wiring, not the accuracy.
-TINY = ["--image-size", "64", "--detector-image-size", "128", "--views", "3", "--scenes", "6",
+TINY = ["--image-size", "64", "--detector-image-size", "128", "--views", "3", "--scenes", "6", "--detector-passes", "2",
         "--max-products", "4", "--progress", "off", "--no-baseline"]
 
 
@@ -46,6 +46,7 @@ def test_checkpoint_holds_model_optimisers_epoch_config_metrics_and_hash(two_epo
     extra = loaded.extra
     assert extra["epoch"] == 2 and len(extra["history"]) == 2
     assert extra["train_config"]["epochs"] == 2 and extra["train_config"]["loss"] == "triplet"
+    assert extra["train_config"]["detector_passes"] == 2
     assert set(extra["optimizers"]) == {"embedder", "detector"} and extra["optimizers"]["embedder"]["state"]
     assert extra["metrics"]["epoch"] == 2 and "val_recall@1" in extra["metrics"]
     assert set(extra["run_info"]["train_products"]).isdisjoint(extra["run_info"]["eval_products"])

@@ -57,6 +57,7 @@ class TrainConfig:
     detector: bool = True
     scenes: int = 480
     scene_batch: int = 16
+    detector_passes: int = 1  # passes over the scene cache per epoch: the detector needs far more steps than the embedder
     detector_trainable_from: int = 17  # MobileNetV2 blocks [this:] of the detector's trunk learn (>= 14)
     detector_lr: float = 1e-3
     detector_image_size: int = 320
@@ -70,7 +71,7 @@ class TrainConfig:
             raise BadInput(f"embed_trainable_from must be in 1..{MOBILENET_V2_BLOCKS}, got {self.embed_trainable_from!r}")
         if not MOBILENET_V2_STRIDE16_SPLIT <= self.detector_trainable_from <= MOBILENET_V2_BLOCKS:
             raise BadInput(f"detector_trainable_from must be in {MOBILENET_V2_STRIDE16_SPLIT}..{MOBILENET_V2_BLOCKS}, got {self.detector_trainable_from!r}")
-        for name in ("epochs", "shopper_views", "scene_batch"):
+        for name in ("epochs", "shopper_views", "scene_batch", "detector_passes"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
@@ -290,12 +291,14 @@ class DetectorStage:
     def train_epoch(self, cache: SceneCache, epoch: int, bar=None) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(group["base_lr"], epoch, self.config.epochs)
-        order = np.random.default_rng([self.config.seed, 0xDE7, epoch]).permutation(len(cache))
+        # Pass 0 draws the same order as runs from before detector_passes existed.
+        orders = [np.random.default_rng([self.config.seed, 0xDE7, epoch] + ([p] if p else [])).permutation(len(cache))
+                  for p in range(self.config.detector_passes)]
         self.train_mode()
         losses = []
         step = self.config.scene_batch
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
+        batches = [order[start : start + step] for order in orders for start in range(0, len(order), step)]
+        for idx in batches:
             index = torch.from_numpy(idx)
             parts = self.losses(cache.map16[index], cache.mid[index], [cache.targets[i] for i in idx])
             loss = sum(parts.values())
@@ -310,7 +313,7 @@ class DetectorStage:
         return float(np.mean(losses)) if losses else float("nan")
 
     def steps_per_epoch(self, cache: SceneCache) -> int:
-        return math.ceil(len(cache) / self.config.scene_batch)
+        return self.config.detector_passes * math.ceil(len(cache) / self.config.scene_batch)
 
 
 # ---------------------------------------------------------------- the run
