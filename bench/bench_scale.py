@@ -70,7 +70,7 @@ def bench_size(size: str, args) -> dict:
     from index.factory import choose_factory
 
     out = {"size": size, "n": int(m["ntotal"]), "factory": m["factory"],
-           "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"])).factory, "build_s": round(build_s, 1),
+           "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"]), metric=m["metric"]).factory, "build_s": round(build_s, 1),
            "train_s": m["train_seconds"], "bytes_per_vector": m["bytes_per_vector"],
            "rss_after_open_mb": round(rss_open / 2**20, 1), "operating_point": op,
            "qps": round(len(q) / best), "ms_per_query": round(1000 * best / len(q), 4), "grid": grid}

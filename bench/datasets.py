@@ -29,6 +29,13 @@ Datasets (``load(name)``):
   the catalog shot of every tuxpaint product + ``SCENES_PER_PRODUCT`` shopper scenes of each
   TRAIN product; queries = the sample set's eval query photos (held-out products in held-out
   scenes) + extra eval-product scenes. Small (a few thousand); metric ip.
+- ``embed-fmnist``: the same default pipeline (``load_pipeline(None).embed_catalog``, ONNX Runtime on
+  CPU, whole images) over Fashion-MNIST (Debian ``dataset-fashion-mnist``, 70k real product photos):
+  BASE = all 60,000 train images, QUERIES = 2,000 test images (the seeded pick of
+  ``train.evaluate.fashion_mnist_p_at_1(n=2000)``, so never base images). Images are inverted as
+  that function does. Exact duplicate base rows are removed; class labels are saved beside the
+  vectors (``base_labels.npy``, ``query_labels.npy``). Embedding is resumable (parts saved every
+  2,048 images). Metric ip (the vectors are L2-normalised).
 - ``synth-<N>`` (e.g. ``synth-100k``, ``synth-1m``, ``synth-5m``): a seeded Gaussian mixture
   in 128-d, NOT normalised, metric l2: 4096 centres ~ N(0, 1), mixture weights ~ Dirichlet(1);
   inside a cluster, x = centre + sigma_c * (z * s) @ R with z ~ N(0, I), a decaying spectrum
@@ -37,7 +44,7 @@ Datasets (``load(name)``):
   (1M rows at a time) with ``np.lib.format.open_memmap`` so 5M x 128 never sits in RAM.
   Queries: 1,000 fresh draws from the same mixture (another seed).
 
-    .venv/bin/python bench/datasets.py sift glove embed synth-100k   # make (cached) and describe
+    .venv/bin/python bench/datasets.py sift glove embed embed-fmnist synth-100k   # make (cached) and describe
 """
 
 from __future__ import annotations
@@ -291,6 +298,91 @@ def make_embed(folder: Path) -> Dataset:
     return _finish("embed", folder, folder / "base.npy", queries, "ip", meta)
 
 
+# ------------------------------------------- project's embeddings of Fashion-MNIST (60k)
+FMNIST_QUERIES = 2000  # the same seeded pick of test images as train.evaluate.fashion_mnist_p_at_1
+FMNIST_CHUNK = 2048  # images per resumable part file
+
+
+def fmnist_pils(images: np.ndarray) -> list:
+    """Fashion-MNIST uint8 28x28 -> RGB PIL, inverted exactly as train.evaluate.fashion_mnist_p_at_1 does
+    (white-on-black becomes a product on a light studio background)."""
+    from PIL import Image
+
+    return [Image.fromarray(255 - im).convert("RGB") for im in images]
+
+
+def _embed_resumable(pipe, images: np.ndarray, parts: Path, label: str) -> np.ndarray:
+    """embed_catalog over ``images`` in FMNIST_CHUNK parts saved as they finish, so an interrupted run resumes."""
+    parts.mkdir(parents=True, exist_ok=True)
+    n, t0, done_now = len(images), time.monotonic(), 0
+    out = []
+    for a in range(0, n, FMNIST_CHUNK):
+        part = parts / f"{a:07d}.npy"
+        if part.exists():
+            out.append(np.load(part))
+            continue
+        vecs = pipe.embed_catalog(fmnist_pils(images[a:a + FMNIST_CHUNK]))
+        np.save(parts / f"{a:07d}.tmp.npy", vecs)
+        os.replace(parts / f"{a:07d}.tmp.npy", part)
+        out.append(vecs)
+        done_now += len(vecs)
+        rate = done_now / (time.monotonic() - t0)
+        left = n - min(a + FMNIST_CHUNK, n)
+        print(f"  {label}: {min(a + FMNIST_CHUNK, n)}/{n} images, {rate:.0f} img/s, ~{left / rate / 60:.1f} min left",
+              flush=True)
+    return np.concatenate(out)
+
+
+def make_embed_fmnist(folder: Path) -> Dataset:
+    import hashlib
+    import shutil
+
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch
+
+    from embed.pipeline import load_pipeline
+    from imgsearch import assets
+    from train.sample_data import load_fashion_mnist
+
+    torch.set_num_threads(2)
+    t0 = time.monotonic()
+    train_x, train_y = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    pick = np.sort(np.random.default_rng(SEED).choice(len(test_x), size=FMNIST_QUERIES, replace=False))
+    q_x, q_y = test_x[pick], test_y[pick]
+    pipe = load_pipeline(None, device="cpu")
+    parts = folder / f"parts-{pipe.model_hash[:12]}"
+    base = _embed_resumable(pipe, train_x, parts / "base", "embed-fmnist base")
+    queries = _embed_resumable(pipe, q_x, parts / "queries", "embed-fmnist queries")
+    embed_seconds = time.monotonic() - t0
+    # Exact duplicate rows make recall-by-id depend on tie-breaking (see sift): keep one of each.
+    _, first = np.unique(base + np.float32(0.0), axis=0, return_index=True)
+    keep = np.sort(first)
+    np.save(folder / "base.npy", np.ascontiguousarray(base[keep]))
+    np.save(folder / "base_labels.npy", train_y[keep])
+    np.save(folder / "query_labels.npy", q_y)
+    np.save(folder / "query_test_rows.npy", pick)
+    train_pixels = {hashlib.sha1(im.tobytes()).digest() for im in train_x}
+    q_in_train = sum(hashlib.sha1(im.tobytes()).digest() in train_pixels for im in q_x)
+    meta = {"source": "embed.pipeline.load_pipeline(None).embed_catalog (ONNX Runtime MobileNetV2 + fixed "
+                      "projection, whole image) of Fashion-MNIST (Debian dataset-fashion-mnist, "
+                      f"{assets.fashion_mnist_dir()})",
+            "preprocessing": "uint8 28x28 inverted (255 - x), RGB, letterboxed to the model size by the pipeline; "
+                             "as train.evaluate.fashion_mnist_p_at_1",
+            "base": f"all {len(train_x)} train-split images ({len(train_x) - len(keep)} exact duplicate "
+                    "embedding rows removed)",
+            "queries": f"{FMNIST_QUERIES} test-split images, seeded pick (seed {SEED}) as fashion_mnist_p_at_1(n="
+                       f"{FMNIST_QUERIES}); {q_in_train} of them are pixel-identical to a train image",
+            "labels": "base_labels.npy / query_labels.npy: Fashion-MNIST classes (not used for the ground truth)",
+            "model": pipe.model_hash, "runtime": pipe.embedder.runtime,
+            "exact_duplicates_removed": int(len(train_x) - len(keep)),
+            "queries_pixel_identical_to_base": int(q_in_train),
+            "embed_seconds": round(embed_seconds, 1), "make_seconds": round(time.monotonic() - t0, 1)}
+    ds = _finish("embed-fmnist", folder, folder / "base.npy", queries, "ip", meta)
+    shutil.rmtree(parts, ignore_errors=True)
+    return ds
+
+
 # --------------------------------------------------------------------------- synthetic
 SYNTH_CENTRES = 4096
 SYNTH_QUERIES = 1000
@@ -360,9 +452,11 @@ def load(name: str) -> Dataset:
         return make_glove(folder)
     if name == "embed":
         return make_embed(folder)
+    if name == "embed-fmnist":
+        return make_embed_fmnist(folder)
     if name.startswith("synth-"):
         return make_synth(folder, parse_size(name[len("synth-"):]))
-    raise SystemExit(f"unknown dataset {name!r}: sift, glove, embed, synth-<N>")
+    raise SystemExit(f"unknown dataset {name!r}: sift, glove, embed, embed-fmnist, synth-<N>")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ class BuildResult:
 
 def resolve_factory(factory: str, n: int, dim: int, metric: str, memory_budget: int | None):
     if factory in (None, "", "auto"):
-        choice = factory_mod.choose_factory(n, dim, memory_budget)
+        choice = factory_mod.choose_factory(n, dim, memory_budget, metric)
         factory_mod.validate_factory(choice.factory, dim, metric)
         return choice
     index = factory_mod.validate_factory(factory, dim, metric)

@@ -71,3 +71,13 @@ def test_exact_codes_and_budget_parsing():
     assert parse_bytes("2GB") == 2 << 30 and parse_bytes("512m") == 512 << 20 and parse_bytes(None) is None
     with pytest.raises(BadInput):
         parse_bytes("lots")
+
+
+def test_inner_product_gets_residual_fast_scan_codes_and_l2_raw_ones():
+    ip, l2 = choose_factory(100_000, 128, metric="ip"), choose_factory(100_000, 128, metric="l2")
+    assert ip.factory == "IVF1024,PQ64x4fsr" and l2.factory == "IVF1024,PQ64x4fs"
+    assert any("residual" in r for r in ip.reasons) and not any("residual" in r for r in l2.reasons)
+    validate_factory(ip.factory, 128, "ip")
+    assert choose_factory(5_000, 128, metric="ip").factory == "IDMap,Flat"  # exact below 10k either way
+    with pytest.raises(BadInput, match="'cos'"):
+        choose_factory(100_000, 128, metric="cos")

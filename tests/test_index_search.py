@@ -70,7 +70,7 @@ def test_auto_build_manifest_and_tuned_recall(root, data):
     for key in ("version", "dim", "metric", "factory", "ntotal", "shards", "created_at", "model",
                 "search_defaults", "measured_recall", "bytes_per_vector", "build_seconds", "build_config"):
         assert key in m, key
-    assert m["factory"] == "IVF512,PQ16x4fs" and m["ntotal"] == N and m["model"] is None
+    assert m["factory"] == "IVF512,PQ16x4fsr" and m["ntotal"] == N and m["model"] is None
     assert m["measured_recall"] >= 0.95 and m["target_reached"]
     assert m["factory_choice"]["reasons"]
     bpv = idx.bytes_per_vector()
