@@ -55,9 +55,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     image_size: int = 224
     detector: bool = True
-    scenes: int = 480
+    # The detector needs far more steps than the embedder, and steps on cached maps are cheap
+    # (~0.2 s at batch 16 on 2 idle cores). make train-demo, held-out AP@0.5 / full-path R@1:
+    # 480 scenes x 1 pass 0.448 / 0.471; 1200 scenes x 4 passes 0.821 / 0.755 (956 s in all).
+    scenes: int = 1200
     scene_batch: int = 16
-    detector_passes: int = 1  # passes over the scene cache per epoch: the detector needs far more steps than the embedder
+    detector_passes: int = 4  # passes over the scene cache per epoch
     detector_trainable_from: int = 17  # MobileNetV2 blocks [this:] of the detector's trunk learn (>= 14)
     detector_lr: float = 1e-3
     detector_image_size: int = 320
