@@ -19,26 +19,52 @@ pays for every new input shape (queries come 1-3 crops at a time).
 Post-training int8 of MobileNetV2's depthwise layers costs too much
 accuracy; it needs quantization-aware training (part 2) before it is usable.
 Every optimised runner falls back with a logged reason when it cannot be built.
+
+ONNX exports (this embedder's and the detector's, :mod:`embed.detector`) are
+cached on disk, ``$IMGSEARCH_CACHE/onnx/<kind>-<key>.onnx`` (default
+``~/.cache/imgsearch/onnx``; ``IMGSEARCH_ONNX_CACHE`` names another folder, or
+``off``). The key hashes the module's weights and buffers, its config, the
+input shape, the opset, the torch version and :data:`ONNX_EXPORT_FORMAT`, so a
+server start or a second worker loads the file instead of exporting again
+(the detector's export takes ~10 s on a busy 2-core machine). Files are
+written atomically (temp file + ``os.replace``); a cached file is only used
+after ONNX Runtime loads it *and* it reproduces the eager module's outputs on
+a seeded probe input, so a corrupt or stale file is replaced, not trusted.
+
+ONNX Runtime sessions do not spin-wait (``allow_spinning`` 0): on 2 cores
+shared with other work, a spinning pool burns the core its partner needs.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import io
+import json
 import logging
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from embed.checkpoint import state_dict_sha256
 from embed.model import EmbeddingNet
+from imgsearch import assets
 from imgsearch.errors import BadInput
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "eager", "torchscript", "int8", "onnxruntime")
+ONNX_OPSET = 17
+ONNX_EXPORT_FORMAT = 1  # bump when an export wrapper changes what a graph computes: old cache files stop matching
+ONNX_CACHE_ENV = "IMGSEARCH_ONNX_CACHE"
+ORT_ALLOW_SPINNING = False
+PROBE_RTOL = PROBE_ATOL = 1e-3  # ONNX Runtime vs eager differ by ~5e-6 here; a damaged file by far more
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -130,30 +156,128 @@ class Int8Runner:
             return self.head(self.trunk(x.contiguous(memory_format=torch.channels_last)))
 
 
+def onnx_cache_dir() -> Path | None:
+    """Where ONNX exports are cached; None when ``IMGSEARCH_ONNX_CACHE`` is ``off`` (or 0, none, false, empty)."""
+    value = os.environ.get(ONNX_CACHE_ENV)
+    if value is None:
+        return assets.cache_dir() / "onnx"
+    if value.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    return Path(value)
+
+
+def onnx_cache_key(kind: str, module: nn.Module, input_shape: tuple[int, ...], config: dict) -> str:
+    """sha256 of everything that decides the exported graph: weights/buffers, config, input shape, exporter."""
+    digest = hashlib.sha256()
+    meta = {"kind": kind, "format": ONNX_EXPORT_FORMAT, "opset": ONNX_OPSET, "torch": torch.__version__,
+            "input": list(input_shape[1:]), "config": config}
+    digest.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    digest.update(state_dict_sha256(module.state_dict()).encode())
+    return digest.hexdigest()
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, output_names: list[str]) -> bytes:
+    """TorchScript-based export (dynamo=False: the dynamo exporter needs onnxscript and compiles for minutes)."""
+    buffer = io.BytesIO()
+    axes = {"images": {0: "n"}} | {name: {0: "n"} for name in output_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch 2.13 deprecates the TorchScript exporter; it is the one that works offline
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=["images"], output_names=output_names, dynamic_axes=axes)
+    return buffer.getvalue()
+
+
+def _ort_session(model: bytes, threads: int | None):
+    import onnxruntime as ort  # optional dependency
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if ORT_ALLOW_SPINNING else "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _check_probe(session, probe: np.ndarray, expected: list[np.ndarray], output_names: list[str]) -> None:
+    got = session.run(output_names, {"images": probe})
+    for name, want, have in zip(output_names, expected, got):
+        if want.shape != have.shape or not np.allclose(have, want, rtol=PROBE_RTOL, atol=PROBE_ATOL):
+            worst = float(np.abs(have - want).max()) if want.shape == have.shape else float("nan")
+            raise ValueError(f"output {name!r} differs from the eager module's (shape {have.shape} vs {want.shape}, max |d| {worst:.3g})")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other workers may run as other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class OnnxModel:
+    """An ONNX Runtime session for ``module`` (one ImageNet-normalised ``images`` input), from the disk cache if valid.
+
+    ``source`` says where the graph came from: ``"cache"`` (a verified file, no
+    export), ``"export"`` (exported now, and cached when a cache folder is
+    writable). ``path`` is the cache file (None with the cache off).
+    """
+
+    def __init__(self, kind: str, module: nn.Module, example: torch.Tensor, output_names: list[str],
+                 config: dict, threads: int | None = None):
+        module = copy.deepcopy(module).eval().cpu()
+        self.output_names = list(output_names)
+        probe = torch.randn((1, *example.shape[1:]), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            out = module(probe)
+        expected = [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+        probe = probe.numpy()
+        folder = onnx_cache_dir()
+        self.path = folder / f"{kind}-{onnx_cache_key(kind, module, tuple(example.shape), config)}.onnx" if folder else None
+        self.session = None
+        if self.path is not None and self.path.is_file():
+            try:
+                session = _ort_session(self.path.read_bytes(), threads)
+                _check_probe(session, probe, expected, self.output_names)
+                self.session, self.source = session, "cache"
+                log.info("%s: ONNX graph from the cache, %s", kind, self.path)
+            except Exception as exc:  # unreadable, not ONNX, truncated, or computes something else
+                log.warning("%s: cached ONNX file %s is unusable (%s: %s); exporting again",
+                            kind, self.path, type(exc).__name__, str(exc)[:200])
+        if self.session is None:
+            data = _export_onnx(module, example, self.output_names)
+            self.session = _ort_session(data, threads)
+            _check_probe(self.session, probe, expected, self.output_names)  # a bad export is a build failure
+            self.source = "export"
+            if self.path is not None:
+                try:
+                    _write_atomic(self.path, data)
+                    log.info("%s: ONNX graph exported and cached at %s", kind, self.path)
+                except OSError as exc:
+                    log.warning("%s: cannot cache the ONNX export at %s (%s); the next start exports again", kind, self.path, exc)
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+
+
 class OnnxRuntimeRunner:
-    """The whole net exported to ONNX (in memory) and run by ONNX Runtime's CPU provider."""
+    """The whole net exported to ONNX (cached on disk, see the module docstring), run by ONNX Runtime's CPU provider."""
 
     name = "onnxruntime"
 
     def __init__(self, net: EmbeddingNet, image_size: int, threads: int | None = None):
-        import onnxruntime as ort  # optional dependency
-
         example = torch.zeros(2, 3, image_size, image_size)
-        buffer = io.BytesIO()
-        torch.onnx.export(
-            copy.deepcopy(net).eval(), (example,), buffer, dynamo=False, opset_version=17,
-            input_names=["images"], output_names=["vectors"],
-            dynamic_axes={"images": {0: "n"}, "vectors": {0: "n"}},
-        )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.model = OnnxModel("embedder", net, example, ["vectors"], net.config.to_dict(), threads)
+        self.session = self.model.session
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(["vectors"], {"images": array})[0])
+        return torch.from_numpy(self.model(x.numpy())[0])
 
 
 def onnxruntime_available() -> bool:

@@ -1,11 +1,13 @@
-"""Fast runtimes agree with the eager forward (speed itself is measured by bench/bench_embed.py)."""
+"""Fast runtimes agree with the eager forward (speed: bench/bench_embed.py); the ONNX export cache."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data
+from torch import nn
 
+import embed.runtime as runtime
 from embed.pipeline import load_embedder
 from embed.runtime import onnxruntime_available
 from imgsearch.errors import BadInput
@@ -62,3 +64,109 @@ def test_int8_without_calibration_and_unknown_runtimes_are_errors():
         load_embedder(None, runtime="int8")
     with pytest.raises(BadInput, match="'tensorrt'"):
         load_embedder(None, runtime="tensorrt")
+
+
+# --- the ONNX export cache (embed.runtime.OnnxModel), shared by the embedder and the detector ---
+
+needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime/onnx not installed")
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def tiny_model(net: nn.Module) -> runtime.OnnxModel:
+    return runtime.OnnxModel("tiny", net, torch.zeros(2, 3, 16, 16), ["out"], {"size": 16}, threads=1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(runtime.ONNX_CACHE_ENV, str(tmp_path / "onnx"))
+    return tmp_path / "onnx"
+
+
+def forbid_export(monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported although a valid cache file exists")
+
+    monkeypatch.setattr(runtime, "_export_onnx", no_export)
+
+
+@needs_onnxruntime
+def test_export_is_cached_atomically_and_reused_without_exporting(cache, monkeypatch):
+    net = tiny_net()
+    first = tiny_model(net)
+    assert first.source == "export" and first.path.parent == cache and first.path.is_file()
+    assert [p.name for p in cache.iterdir()] == [first.path.name]  # no temp file left behind
+    mtime = first.path.stat().st_mtime_ns
+    forbid_export(monkeypatch)
+    second = tiny_model(net)
+    assert second.source == "cache" and second.path == first.path and first.path.stat().st_mtime_ns == mtime
+    x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        want = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(second(x)[0], want, atol=1e-5)
+
+
+@needs_onnxruntime
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other weights"])
+def test_a_damaged_or_stale_cache_file_is_detected_and_replaced(cache, damage, caplog):
+    net = tiny_net()
+    path = tiny_model(net).path
+    good = path.read_bytes()
+    if damage == "garbage":
+        path.write_bytes(b"definitely not an ONNX protobuf" * 10)
+    elif damage == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    else:  # a valid graph of another model under this model's name
+        path.write_bytes(tiny_model(tiny_net(seed=1)).path.read_bytes())
+    with caplog.at_level("WARNING", logger="embed.runtime"):
+        again = tiny_model(net)
+    assert again.source == "export" and "unusable" in caplog.text
+    assert path.read_bytes() != b"" and tiny_model(net).source == "cache"  # the replacement is valid
+
+
+@needs_onnxruntime
+def test_cache_off_or_unwritable_still_gives_a_working_session(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(runtime.ONNX_CACHE_ENV, "off")
+    model = tiny_model(tiny_net())
+    assert model.path is None and model.source == "export"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv(runtime.ONNX_CACHE_ENV, str(blocker / "onnx"))  # its parent is a file: mkdir fails
+    with caplog.at_level("WARNING", logger="embed.runtime"):
+        model = tiny_model(tiny_net())
+    assert model.source == "export" and "cannot cache" in caplog.text
+    assert model(np.zeros((1, 3, 16, 16), np.float32))[0].shape == (1, 4)
+
+
+def test_cache_key_follows_weights_config_and_shape():
+    net = tiny_net()
+    key = runtime.onnx_cache_key("tiny", net, (2, 3, 16, 16), {"size": 16})
+    assert key == runtime.onnx_cache_key("tiny", tiny_net(), (5, 3, 16, 16), {"size": 16})  # batch size is dynamic
+    assert key != runtime.onnx_cache_key("tiny", tiny_net(seed=1), (2, 3, 16, 16), {"size": 16})
+    assert key != runtime.onnx_cache_key("tiny", net, (2, 3, 32, 32), {"size": 16})
+    assert key != runtime.onnx_cache_key("tiny", net, (2, 3, 16, 16), {"size": 17})
+    assert key != runtime.onnx_cache_key("other", net, (2, 3, 16, 16), {"size": 16})
+
+
+@needs_onnxruntime
+def test_embedder_second_load_reads_the_cache(cache, monkeypatch, photos, eager_vectors):
+    first = load_embedder(None, device="cpu", runtime="onnxruntime")
+    assert first.runner.model.source == "export"
+    forbid_export(monkeypatch)
+    second = load_embedder(None, device="cpu", runtime="onnxruntime")
+    assert second.runtime == "onnxruntime" and second.runner.model.source == "cache"
+    np.testing.assert_allclose(second.embed(photos), eager_vectors, atol=1e-4)
+
+
+def test_numpy_preprocessor_is_bit_exact_with_the_torch_one(photos):
+    from embed.pipeline import NumpyPreprocessor
+    from embed.preprocess import Preprocessor
+
+    want = Preprocessor(224)(photos).numpy()
+    got = NumpyPreprocessor(224)(photos)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), want)

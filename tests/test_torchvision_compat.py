@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from embed import torchvision_ops
 from embed.torchvision_compat import USING_FALLBACK_OPS, nms_reference_kernel, torchvision
+from embed.torchvision_ops import nms_kernel
 
 
 def plain_nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
@@ -95,3 +97,59 @@ def test_fallback_matches_environment():
 
     compiled = op_exists("torchvision", "roi_align")  # only the compiled library defines roi_align
     assert USING_FALLBACK_OPS is (not compiled)
+
+
+@pytest.mark.parametrize("matrix_max", [torchvision_ops.NMS_MATRIX_MAX, 0], ids=["iou-matrix", "loop-per-kept-box"])
+@pytest.mark.parametrize("seed", range(12))
+def test_numpy_kernel_matches_the_reference_kernel(seed, matrix_max, monkeypatch):
+    monkeypatch.setattr(torchvision_ops, "NMS_MATRIX_MAX", matrix_max)
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 400))
+    boxes, _ = random_boxes(rng, n)
+    boxes = np.round(boxes)  # integer corners: exact ties in IoU and many duplicates
+    scores = np.round(rng.uniform(0, 1, n), 1).astype(np.float32)  # few distinct values: tied scores
+    threshold = float(rng.choice([0.0, 0.3, 0.5, 0.7, 1.0]))
+    for dtype in (torch.float32, torch.float64):
+        b, s = torch.from_numpy(boxes).to(dtype), torch.from_numpy(scores).to(dtype)
+        want = nms_reference_kernel(b, s, threshold)
+        got = nms_kernel(b, s, threshold)
+        assert got.dtype == torch.int64 and got.tolist() == want.tolist()
+
+
+def test_the_registered_op_gives_the_numpy_kernels_results():
+    rng = np.random.default_rng(7)
+    boxes, scores = (torch.from_numpy(a) for a in random_boxes(rng, 300))
+    assert torchvision.ops.nms(boxes, scores, 0.5).tolist() == nms_kernel(boxes, scores, 0.5).tolist()
+    if USING_FALLBACK_OPS:
+        assert torchvision_ops._fallback_library is not None
+
+
+@pytest.mark.parametrize("kernel", [nms_reference_kernel, nms_kernel], ids=["reference", "numpy"])
+def test_threshold_is_compared_in_double_precision_like_torchvisions_cpp(kernel):
+    # IoU 30/100 is float32(0.3) = 0.30000001..., which is above the double 0.3: torchvision suppresses.
+    # A float32 comparison (float32(0.3) > float32(0.3)) would keep it; so would an IoU computed in doubles.
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 3.0]])
+    scores = torch.tensor([0.9, 0.8])
+    assert kernel(boxes, scores, 0.3).tolist() == [0]
+    # IoU 70/100 is float32(0.7) = 0.69999998..., not above 0.7: both kept.
+    boxes = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 7.0]])
+    assert kernel(boxes, scores, 0.7).tolist() == [0, 1]
+
+
+def test_threshold_in_dtype_reproduces_the_double_comparison():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0, 1, 10_000), np.float32([0.3, 0.7, 0.5])]).astype(np.float32)
+    values = np.concatenate([values, np.nextafter(values, 2), np.nextafter(values, -1)]).astype(np.float32)
+    for threshold in (0.0, 0.3, 0.5, 0.7, 1.0, 1 / 3, 0.1):
+        t = torchvision_ops.threshold_in_dtype(threshold, np.dtype(np.float32))
+        np.testing.assert_array_equal(values > t, values.astype(np.float64) > threshold)
+
+
+def test_zero_area_boxes_never_suppress_and_empty_input():
+    boxes = torch.tensor([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 10.0]])  # IoU 0/0: NaN, never above
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert nms_kernel(boxes, scores, 0.5).tolist() == nms_reference_kernel(boxes, scores, 0.5).tolist() == [0, 1, 2]
+    kept = nms_kernel(torch.zeros((0, 4)), torch.zeros((0,)), 0.5)
+    assert kept.shape == (0,) and kept.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"N x 4"):
+        nms_kernel(torch.zeros((3, 3)), torch.zeros((3,)), 0.5)
