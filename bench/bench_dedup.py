@@ -10,6 +10,11 @@ on the calibration half (labels: every planted pair + each product's 5 most simi
 non-duplicates) for precision 0.95, then the evaluation half is scanned with ``imgsearch dedup``'s
 code at that threshold; pair precision/recall are over product pairs. Baseline in the same run:
 ``imagehash`` pHash (64-bit), Hamming threshold calibrated the same way on the same labels.
+Verified variant in the same run (``imgsearch dedup --verify``): on the same labels, calibration
+picks a recall-oriented candidate similarity threshold and the verification threshold (largest
+image disagreement, :mod:`index.jobs.verify`) for the same target precision; the evaluation half is
+then scanned at the candidate threshold and only pairs confirmed on the images are kept. Each
+method reports precision/recall, recall per transform, and its worst false positives.
 
 ``speed``: N synthetic 128-d unit vectors (clustered, 0.5% planted near-duplicates) in a real
 CatalogStore (float16), an index built by ``build_version`` (auto factory), then the CLI
@@ -64,14 +69,18 @@ def _transform(img, kind: int, rng):
     return ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.15))
 
 
+TRANSFORMS = ("jpeg_q25", "resize_45", "crop_80", "recolour")
+
+
 def make_half(folder: Path, products, seed: int):
-    """Catalog CSV with originals + planted copies; returns (catalog, truth pairs, image paths by product)."""
+    """Catalog CSV with originals + planted copies; returns (catalog, truth pairs, image paths by
+    product, transform name by planted copy)."""
     from train.sample_data import catalog_shot
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "img").mkdir(exist_ok=True)
-    rows, truth, files = [], set(), {}
+    rows, truth, files, kinds = [], set(), {}, {}
 
     def put(pid, img, cat):
         name = f"img/{pid}.jpg"
@@ -86,14 +95,16 @@ def make_half(folder: Path, products, seed: int):
         if rng.random() < 0.60:
             copies.append(f"{p.product_id}.copy-a")
             put(copies[-1], _transform(shot, i % 4, rng), p.category)
+            kinds[copies[-1]] = TRANSFORMS[i % 4]
             if rng.random() < 0.25:
                 copies.append(f"{p.product_id}.copy-b")
                 put(copies[-1], _transform(shot, (i + 1) % 4, rng), p.category)
+                kinds[copies[-1]] = TRANSFORMS[(i + 1) % 4]
         group = [p.product_id, *copies]
         truth |= {tuple(sorted((a, b))) for a in group for b in group if a < b}
     catalog = folder / "catalog.csv"
     catalog.write_text("product_id,image,category\n" + "\n".join(rows) + "\n")
-    return catalog, truth, files
+    return catalog, truth, files, kinds
 
 
 def product_vectors(store):
@@ -130,12 +141,64 @@ def pr(found: set, truth: set) -> tuple[float, float]:
     return tp / max(len(found), 1), tp / max(len(truth), 1)
 
 
-def phash_pairs(files: dict, threshold: float) -> set:
+def pair_kind(pair: tuple, kinds: dict) -> str:
+    """The transform of a planted pair: the copy's, or ``copy_vs_copy`` for two copies."""
+    a, b = pair
+    if a in kinds and b in kinds:
+        return "copy_vs_copy"
+    return kinds.get(a) or kinds.get(b) or "?"
+
+
+def per_transform_recall(found: set, truth: set, kinds: dict) -> dict:
+    out = {}
+    for kind in (*TRANSFORMS, "copy_vs_copy"):
+        pairs = {t for t in truth if pair_kind(t, kinds) == kind}
+        if pairs:
+            out[kind] = f"{len(pairs & found)}/{len(pairs)}"
+    return out
+
+
+def report(found: dict, truth: set, kinds: dict, n_fp: int = 6) -> dict:
+    """Precision/recall, recall per transform, and the highest-scoring false positives.
+    ``found`` maps a product pair to its score (higher = more alike)."""
+    p, r = pr(set(found), truth)
+    fps = sorted(((s, pair) for pair, s in found.items() if pair not in truth), key=lambda x: -x[0])[:n_fp]
+    return {"precision": round(p, 4), "recall": round(r, 4), "pairs_found": len(found),
+            "recall_per_transform": per_transform_recall(set(found), truth, kinds),
+            "worst_false_positives": [[a, b, round(float(s), 4)] for s, (a, b) in fps]}
+
+
+def threshold_curve(store, index_root: str, candidate: float, truth: set,
+                    thresholds=(0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)) -> dict:
+    """Precision/recall of the verified scan at other verification thresholds (same candidates;
+    each candidate's lowest disagreement over its alignments), to show how sensitive it is."""
+    from index.jobs import dedup
+    from index.jobs.verify import ProductVerifier, VerifyConfig
+
+    out = dedup.run_dedup(store, index_root, dedup.DedupConfig(threshold=candidate, gpu="off"), progress=False)
+    verifier = ProductVerifier(store, VerifyConfig())
+    rows = []
+    for a, b, _ in dedup.pairs_of_groups(out.groups):
+        m = verifier.match(a, b, exhaustive=True)
+        rows.append((np.inf if m is None else m.disagreement, (a, b) in truth))
+    d = np.array([r[0] for r in rows])
+    y = np.array([r[1] for r in rows], bool)
+    curve = {}
+    for t in thresholds:
+        acc = d <= t
+        tp = int((acc & y).sum())
+        curve[f"{t:g}"] = {"precision": round(tp / max(int(acc.sum()), 1), 4), "recall": round(tp / max(len(truth), 1), 4),
+                           "false_positives": int((acc & ~y).sum())}
+    return curve
+
+
+def phash_pairs(files: dict, threshold: float) -> dict:
+    """Product pairs within the Hamming threshold -> score (-Hamming distance)."""
     names = sorted(files)
     h = np.stack([_phash_bits(files[n]) for n in names])
     dist = (h[:, None, :] != h[None, :, :]).sum(-1)
     i, j = np.nonzero(np.triu(-dist >= threshold, 1))
-    return {tuple(sorted((names[a], names[b]))) for a, b in zip(i, j)}
+    return {tuple(sorted((names[a], names[b]))): -float(dist[a, b]) for a, b in zip(i, j)}
 
 
 _PH = {}
@@ -155,6 +218,7 @@ def quality(args) -> dict:
     from index.build import build_version
     from index.catalog import ingest_catalog
     from index.jobs import dedup
+    from index.jobs.verify import ProductVerifier, VerifyConfig
     from index.sources import store_source
     from index.store import CatalogStore
     from train.sample_data import list_products
@@ -172,41 +236,63 @@ def quality(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-dedup-", dir=args.workdir))
     res, data = {"model": pipe.model_hash[:16], "checkpoint": args.checkpoint, "products": args.products}, {}
     for name, prods in halves.items():
-        catalog, truth, files = make_half(work / name, prods, seed=1 if name == "calibration" else 2)
+        catalog, truth, files, kinds = make_half(work / name, prods, seed=1 if name == "calibration" else 2)
         t0 = time.monotonic()
         with CatalogStore.create_or_open(work / name / "store", dim=pipe.dim) as store:
             s = ingest_catalog(catalog, store, pipe.embed_catalog, 32, progress=False, model=pipe.model_hash)
         with CatalogStore.open_readonly(work / name / "store") as store:
             build_version(store_source(store), str(work / name / "index"), gpu="off")
             vecs = product_vectors(store)
-        data[name] = (truth, files, vecs)
+        data[name] = (truth, files, vecs, kinds)
         res[f"{name}_products"] = len(prods)
         res[f"{name}_images"] = s.added
         res[f"{name}_true_pairs"] = len(truth)
+        res[f"{name}_true_pairs_per_transform"] = per_transform_recall(truth, truth, kinds)
         res[f"{name}_embed_s"] = round(time.monotonic() - t0, 1)
-    truth_c, files_c, vecs_c = data["calibration"]
+    truth_c, files_c, vecs_c, _ = data["calibration"]
     labels = hard_labels(vecs_c, truth_c)
     label_path = work / "labels.jsonl"
     label_path.write_text("".join(json.dumps(r) + "\n" for r in labels))
     with CatalogStore.open_readonly(work / "calibration" / "store") as store:
         cal = dedup.calibrate(store, str(label_path), args.target_precision)
+        t0 = time.monotonic()
+        vcal = dedup.calibrate(store, str(label_path), args.target_precision, verify=VerifyConfig())
+        vcal_s = time.monotonic() - t0
     res["labels"] = {"positives": cal["positives"], "negatives": cal["negatives"]}
     res["embedding_threshold"] = cal["threshold"]
+    res["verified_thresholds"] = {k: vcal[k] for k in ("threshold", "verify_threshold", "precision", "recall",
+                                                       "candidate_recall", "reached", "unverifiable_pairs",
+                                                       "unaligned_pairs")}
+    res["verified_thresholds"]["calibration_s"] = round(vcal_s, 1)
+    vcfg = VerifyConfig(max_disagreement=vcal["verify_threshold"])
     # pHash: score = -hamming, calibrated on the same labels.
     ph_scores = np.array([max(-int((_phash_bits(files_c[r["a"]]) != _phash_bits(files_c[r["b"]])).sum()), -64)
                           for r in labels], np.float32)
     ph_cal = dedup.choose_threshold(ph_scores, np.array([r["duplicate"] for r in labels]), args.target_precision)
     res["phash_threshold_hamming"] = -ph_cal["threshold"]
     for name in ("calibration", "evaluation"):
-        truth, files, _ = data[name]
+        truth, files, _, kinds = data[name]
         with CatalogStore.open_readonly(work / name / "store") as store:
             out = dedup.run_dedup(store, str(work / name / "index"),
                                   dedup.DedupConfig(threshold=cal["threshold"], gpu="off"), progress=False)
-        found = {(a, b) for g in out.groups for a, b, _ in g["pairs"]}
-        p, r = pr(found, truth)
-        res[f"embedding_{name}"] = {"precision": round(p, 4), "recall": round(r, 4), "pairs_found": len(found)}
-        p, r = pr(phash_pairs(files, ph_cal["threshold"]), truth)
-        res[f"phash_{name}"] = {"precision": round(p, 4), "recall": round(r, 4)}
+            emb = {(a, b): sc for g in out.groups for a, b, sc in g["pairs"]}
+            res[f"embedding_{name}"] = report(emb, truth, kinds)
+            res[f"phash_{name}"] = report(phash_pairs(files, ph_cal["threshold"]), truth, kinds)
+            out = dedup.run_dedup(store, str(work / name / "index"),
+                                  dedup.DedupConfig(threshold=vcal["threshold"], gpu="off", verify=vcfg), progress=False)
+            found = {(a, b): sc for g in out.groups for a, b, sc in g["pairs"]}
+            rep = report(found, truth, kinds)
+            # The worst false positives of the verified scan, with their image disagreement.
+            verifier = ProductVerifier(store, vcfg)
+            for row in rep["worst_false_positives"]:
+                m = verifier.match(row[0], row[1], exhaustive=True)
+                row.append(None if m is None else round(m.disagreement, 4))
+            rep["verify"] = {k: out.verify[k] for k in ("candidate_pairs", "verified_pairs", "unverifiable_pairs", "seconds")}
+            res[f"verified_{name}"] = rep
+            missed = sorted(t for t in truth if t not in found)
+            rep["missed"] = [[a, b, pair_kind((a, b), kinds)] for a, b in missed[:12]]
+            if name == "evaluation":
+                rep["by_verify_threshold"] = threshold_curve(store, str(work / name / "index"), vcal["threshold"], truth)
     res["workdir"] = str(work)
     return res
 
@@ -294,9 +380,17 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4096)
     ap.add_argument("--exact-queries", type=int, default=10_000)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--output", default=None, help="quality: also write the results JSON here")
     args = ap.parse_args()
     if args.what in ("quality", "all"):
-        print(json.dumps({"quality": quality(args)}, indent=1), flush=True)
+        t0 = time.monotonic()
+        res = quality(args)
+        res["seconds"] = round(time.monotonic() - t0, 1)
+        print(json.dumps({"quality": res}, indent=1), flush=True)
+        if args.output:
+            from bench_index import run_info, write_results
+
+            write_results(args.output, {"run": run_info(), "quality": res})
     if args.what in ("speed", "all"):
         print(json.dumps({"speed": speed(args)}, indent=1), flush=True)
 

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
     p.add_argument("--threshold", type=float, default=None,
-                   help="similarity (inner product of the embeddings) a pair must reach (default 0.90)")
+                   help="similarity (inner product of the embeddings) a pair must reach (default 0.90; with --verify "
+                        "the candidate threshold, default 0.60)")
     p.add_argument("--output", required=True, metavar="GROUPS.jsonl")
     p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
                    help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=positive_int, default=None, help="override the index's tuned nprobe")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="search on GPUs when present (default auto)")
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    p.add_argument("--verify", action="store_true",
+                   help="confirm each candidate pair on the images themselves (aligned, colour-invariant structure)")
+    p.add_argument("--verify-threshold", type=float, default=None, metavar="D",
+                   help="largest image disagreement --verify accepts (default 0.06; --calibrate picks it)")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="folder that relative catalog image paths resolve against, for records stored without one")
 
     p = sub.add_parser("rebuild", help="cron entry: embed new/changed -> build -> validate -> publish")
     p.add_argument("catalog", metavar="CATALOG")

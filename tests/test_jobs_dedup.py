@@ -157,3 +157,132 @@ def test_cli_output_format_and_calibrate(tmp_path, capsys):
     code = main(["dedup", "--store", str(store_path), "--index-root", str(tmp_path / "index"), "--output", str(out),
                  "--calibrate", str(labels), "--threshold", "0.9"])
     assert code == 2
+
+
+# ---------------------------------------------------------------- verification on real images
+
+
+def _real_store(tmp_path):
+    """A store of real tuxpaint catalog shots: planted copies (JPEG q25, 45% resize, 80% crop,
+    recolour; pizza has two) and distinct look-alike products, with embeddings placed so that every
+    planted pair AND every look-alike pair is above 0.9: only the pixels can tell them apart."""
+    from test_jobs_verify import jpeg, planted_copy
+
+    from imgsearch import assets
+    from imgsearch.errors import MissingAsset
+    from index.store import CatalogStore, ItemRecord
+    from train.sample_data import catalog_shot, list_products
+
+    try:
+        products = {p.product_id: p for p in list_products(assets.tuxpaint_stamps_dir())}
+    except MissingAsset as exc:
+        pytest.skip(f"asset missing, run make data: {exc}")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    records, vectors, truth, base = [], [], set(), {}
+
+    def add(pid, image, vec):
+        path = folder / f"{pid}.jpg"
+        image.save(path, "JPEG", quality=92)
+        records.append(ItemRecord(product_id=pid, image=f"img/{pid}.jpg", path=str(path), content_hash=pid))
+        vectors.append(vec)
+
+    def near(v, cos):
+        noise = rng.standard_normal(DIM)
+        noise = _unit(noise - (noise @ v) * v)
+        return _unit(cos * v + np.sqrt(1 - cos**2) * noise)
+
+    lookalikes = [("seasonal.hanukkah.dreydl-gimmel", "seasonal.hanukkah.dreydl-nun"),
+                  ("clothes.t_poloshirt", "clothes.t_tshirt"), ("clothes.hats.blue_fedora", "clothes.hats.green_fedora"),
+                  ("animals.birds.duck", "animals.birds.drake")]
+    for a, b in lookalikes:
+        base[a] = _unit(rng.standard_normal(DIM))
+        base[b] = near(base[a], 0.96)
+    for pid in ("food.pizza", "vehicles.auto.sedan", "seasonal.hanukkah.dreydl-hay"):
+        base[pid] = _unit(rng.standard_normal(DIM))
+    shots = {pid: jpeg(catalog_shot(products[pid]), 92) for pid in base}
+    for pid, vec in base.items():
+        add(pid, shots[pid], vec)
+    copies = [("animals.birds.duck", "jpeg"), ("clothes.t_poloshirt", "recolour"), ("food.pizza", "crop"),
+              ("vehicles.auto.sedan", "resize"), ("seasonal.hanukkah.dreydl-hay", "recolour"), ("food.pizza", "jpeg")]
+    for src, kind in copies:
+        pid = f"{src}.copy-{kind}"
+        add(pid, planted_copy(shots[src], kind, rng), near(base[src], 0.97))
+        truth.add(tuple(sorted((src, pid))))
+    truth.add(tuple(sorted(("food.pizza.copy-crop", "food.pizza.copy-jpeg"))))
+    with CatalogStore.create_or_open(tmp_path / "store", dim=DIM, vector_dtype="float32") as store:
+        store.put(records, np.stack(vectors))
+    from index.build import build_version
+    from index.sources import store_source
+
+    with CatalogStore.open_readonly(tmp_path / "store") as store:
+        build_version(store_source(store), str(tmp_path / "index"), gpu="off", factory="Flat")
+    return tmp_path / "store", truth, {tuple(sorted(p)) for p in lookalikes}
+
+
+def test_dedup_with_verification_keeps_planted_copies_not_lookalikes(tmp_path):
+    from index.jobs.verify import VerifyConfig
+    from index.store import CatalogStore
+
+    store_path, truth, lookalikes = _real_store(tmp_path)
+    with CatalogStore.open_readonly(store_path) as store:
+        plain = dedup.run_dedup(store, str(tmp_path / "index"), dedup.DedupConfig(threshold=0.9, gpu="off"), progress=False)
+        verified = dedup.run_dedup(store, str(tmp_path / "index"),
+                                   dedup.DedupConfig(threshold=0.9, gpu="off", verify=VerifyConfig()), progress=False)
+    # The embedding alone pairs the look-alikes too (so the check below can fail)...
+    assert lookalikes <= found_pairs(plain.groups) and truth <= found_pairs(plain.groups)
+    # ...verification keeps exactly the planted duplicates.
+    assert found_pairs(verified.groups) == truth
+    assert sorted(len(g["products"]) for g in verified.groups) == [2, 2, 2, 2, 3]
+    v = verified.verify
+    assert v["candidate_pairs"] == plain.pairs and v["verified_pairs"] == len(truth) and v["unverifiable_pairs"] == 0
+    assert "verified pair(s)" in verified.line()
+
+
+def test_cli_verify_job_config_and_missing_image(tmp_path, capsys):
+    from imgsearch.cli import main
+
+    store_path, truth, lookalikes = _real_store(tmp_path)
+    out = tmp_path / "groups.jsonl"
+    args = ["dedup", "--store", str(store_path), "--index-root", str(tmp_path / "index"), "--output", str(out),
+            "--gpu", "off", "--verify", "--threshold", "0.9"]
+    assert main(args) == 0
+    assert found_pairs([json.loads(line) for line in out.read_text().splitlines()]) == truth
+    job = json.loads((tmp_path / "groups.jsonl.job.json").read_text())
+    assert job["config"]["threshold"] == 0.9 and job["config"]["verify"]["max_disagreement"] > 0
+    assert job["verify"]["verified_pairs"] == len(truth) and job["counts"]["pairs"] == len(truth)
+    capsys.readouterr()
+    # A missing image file: its pairs are counted as unverifiable and left out; the scan still writes its output.
+    (tmp_path / "img" / "vehicles.auto.sedan.copy-resize.jpg").unlink()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 unverifiable" in printed
+    got = found_pairs([json.loads(line) for line in out.read_text().splitlines()])
+    assert got == truth - {("vehicles.auto.sedan", "vehicles.auto.sedan.copy-resize")}
+    job = json.loads((tmp_path / "groups.jsonl.job.json").read_text())
+    assert job["verify"]["unverifiable_pairs"] == 1 and "sedan.copy-resize" in job["verify"]["errors"][0]
+    # Bad combinations of options.
+    assert main([*args[:-3], "--verify-threshold", "0.05"]) == 2  # needs --verify
+
+
+def test_cli_calibrate_with_verify(tmp_path, capsys):
+    from imgsearch.cli import main
+
+    store_path, truth, lookalikes = _real_store(tmp_path)
+    labels = tmp_path / "labels.jsonl"
+    rows = [{"a": a, "b": b, "duplicate": True} for a, b in sorted(truth)]
+    rows += [{"a": a, "b": b, "duplicate": False} for a, b in sorted(lookalikes)]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "groups.jsonl"
+    code = main(["dedup", "--store", str(store_path), "--index-root", str(tmp_path / "index"), "--output", str(out),
+                 "--gpu", "off", "--verify", "--calibrate", str(labels)])
+    assert code == 0
+    calib = json.loads(capsys.readouterr().out.splitlines()[0])["calibration"]
+    # Duplicates and look-alikes have the same embedding similarity here: only the image threshold separates them.
+    assert calib["precision"] == 1.0 and calib["recall"] == 1.0 and calib["reached"]
+    assert 0 < calib["verify_threshold"] < 0.2
+    assert found_pairs([json.loads(line) for line in out.read_text().splitlines()]) == truth
+    job = json.loads((tmp_path / "groups.jsonl.job.json").read_text())
+    assert job["config"]["verify"]["max_disagreement"] == calib["verify_threshold"]
+    assert job["config"]["threshold"] == calib["threshold"]

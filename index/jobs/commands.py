@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,21 +57,37 @@ def dedup_command(args) -> int:
     from index.jobs import dedup
     from index.store import CatalogStore
 
+    verify_threshold = getattr(args, "verify_threshold", None)
+    verify_on = bool(getattr(args, "verify", False))
     if args.calibrate and args.threshold is not None:
         raise BadInput("give --threshold or --calibrate LABELS.jsonl, not both")
+    if verify_threshold is not None and not verify_on:
+        raise BadInput("--verify-threshold needs --verify")
+    if args.calibrate and verify_threshold is not None:
+        raise BadInput("give --verify-threshold or --calibrate LABELS.jsonl, not both")
     dedup.output_path_ok(args.output)
     address = parse_distributed(args.distributed)
     cfg = dedup.DedupConfig(k=args.k, block_size=args.block_size, rescore=not args.no_rescore, gpu=args.gpu,
-                            nprobe=args.nprobe)
+                            nprobe=args.nprobe, image_root=getattr(args, "image_root", None))
+    if verify_on:
+        from index.jobs.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
+
+        cfg.threshold = DEFAULT_CANDIDATE_THRESHOLD
+        cfg.verify = VerifyConfig() if verify_threshold is None else VerifyConfig(max_disagreement=verify_threshold)
+        cfg.verify.check()
+    calibration = None
     store = CatalogStore.open_readonly(args.store)
     try:
         if args.calibrate:
-            calibration = dedup.calibrate(store, args.calibrate, args.target_precision)
+            calibration = dedup.calibrate(store, args.calibrate, args.target_precision, verify=cfg.verify,
+                                          image_root=cfg.image_root)
             print(json.dumps({"calibration": calibration}))
             if not calibration["reached"]:
                 log.warning("target precision %.3f not reached on the labelled sample; using the best threshold %.4f",
                             args.target_precision, calibration["threshold"])
             cfg.threshold = calibration["threshold"]
+            if cfg.verify is not None:
+                cfg.verify = dataclasses.replace(cfg.verify, max_disagreement=calibration["verify_threshold"])
         elif args.threshold is not None:
             cfg.threshold = args.threshold
         if address is not None:
@@ -78,14 +95,18 @@ def dedup_command(args) -> int:
             store = None
             from index.jobs.distributed import distributed_dedup
 
-            result = distributed_dedup(args.store, args.index_root, cfg, address)
+            result = distributed_dedup(args.store, args.index_root, dataclasses.replace(cfg, verify=None), address)
+            if cfg.verify is not None:  # the candidates came from the cluster; images are verified here
+                store = CatalogStore.open_readonly(args.store)
+                result = dedup.verify_result(result, store, cfg, progress=True)
         else:
             result = dedup.run_dedup(store, args.index_root, cfg, progress=True)
     finally:
         if store is not None:
             store.close()
     dedup.write_groups(result.groups, args.output)
-    print(f"imgsearch dedup: {result.line()}; wrote {args.output}")
+    job = dedup.write_job_config(args.output, cfg, result, calibration, index_root=args.index_root, store=args.store)
+    print(f"imgsearch dedup: {result.line()}; wrote {args.output} (settings: {job})")
     sys.stdout.flush()
     return 0
 

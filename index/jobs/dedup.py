@@ -10,6 +10,14 @@
    connected components with union-find over int64 product keys (blake2b of the product id).
 4. Output (INTERFACE.md): one JSON object per group, groups ordered by their first product:
    ``{"group": int, "products": [...sorted], "pairs": [[a, b, score], ...]}`` with ``a < b``.
+   The job's settings and counts go next to it, in ``GROUPS.jsonl.job.json``.
+
+Verification (``DedupConfig.verify``, CLI ``--verify``): the threshold above is then a
+recall-oriented *candidate* threshold, and each candidate product pair is confirmed by comparing
+the images themselves (:mod:`index.jobs.verify`: alignment + colour-invariant structure); only
+confirmed pairs reach union-find. The score in the output stays the embedding similarity.
+Candidates are verified in sorted order with bounded caches of prepared images; a pair whose
+images cannot be read is counted as unverifiable and left out, never a crash.
 
 Similarity is the inner product of the (L2-normalised) embeddings; for an ``l2`` index it is
 ``1 - d/2``, the same number for unit vectors. Memory beyond one block is the set of duplicate
@@ -43,6 +51,7 @@ DEFAULT_BLOCK = 4096
 DEFAULT_MARGIN = 0.02
 SCORE_DECIMALS = 6
 KEY_MASK = (1 << 63) - 1
+VERIFY_LOG_SECONDS = 10.0
 
 
 def product_key(product_id: str) -> int:
@@ -60,12 +69,21 @@ class DedupConfig:
     margin: float = DEFAULT_MARGIN
     gpu: str = "auto"
     nprobe: int | None = None
+    verify: object | None = None  # index.jobs.verify.VerifyConfig: verify candidate pairs on the images
+    image_root: str | None = None  # where relative catalog image paths resolve (records without a path)
 
     def check(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
             raise BadInput(f"--threshold must be a similarity in [-1, 1], got {self.threshold!r}")
         if self.k < 1 or self.block_size < 1:
             raise BadInput(f"k and block size must be >= 1, got {self.k}, {self.block_size}")
+        if self.verify is not None:
+            self.verify.check()
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "verify"}
+        out["verify"] = self.verify.to_json() if self.verify is not None else None
+        return out
 
 
 @dataclasses.dataclass
@@ -152,22 +170,40 @@ class PairCollector:
             if s > best.get((a, b), -np.inf):
                 best[(a, b)] = s
 
-    def groups(self) -> list[dict]:
-        uf = UnionFind()
-        for a, b in self.best:
-            uf.union(a, b)
-        by_root: dict[int, list[tuple[str, str, float]]] = {}
-        for (a, b), s in self.best.items():
-            na, nb = self.names[a], self.names[b]
-            if nb < na:
-                na, nb = nb, na
-            by_root.setdefault(uf.find(a), []).append((na, nb, round(float(s), SCORE_DECIMALS)))
+    def named_pairs(self) -> list[tuple[str, str, float]]:
+        """``(a, b, score)`` with product ids ``a < b``, sorted."""
         out = []
-        for pairs in by_root.values():
-            products = sorted({p for pair in pairs for p in pair[:2]})
-            out.append({"products": products, "pairs": [list(p) for p in sorted(pairs)]})
-        out.sort(key=lambda g: g["products"][0])
-        return [{"group": i, **g} for i, g in enumerate(out)]
+        for (a, b), sc in self.best.items():
+            na, nb = self.names[a], self.names[b]
+            out.append((na, nb, sc) if na < nb else (nb, na, sc))
+        out.sort()
+        return out
+
+    def groups(self) -> list[dict]:
+        return group_pairs(self.named_pairs())
+
+
+def group_pairs(pairs: Iterable[tuple[str, str, float]]) -> list[dict]:
+    """Connected components (union-find over product keys) of product pairs ``(a, b, score)``."""
+    uf = UnionFind()
+    pairs = list(pairs)
+    for a, b, _ in pairs:
+        uf.union(product_key(a), product_key(b))
+    by_root: dict[int, list[tuple[str, str, float]]] = {}
+    for a, b, s in pairs:
+        if b < a:
+            a, b = b, a
+        by_root.setdefault(uf.find(product_key(a)), []).append((a, b, round(float(s), SCORE_DECIMALS)))
+    out = []
+    for members in by_root.values():
+        products = sorted({p for pair in members for p in pair[:2]})
+        out.append({"products": products, "pairs": [list(p) for p in sorted(members)]})
+    out.sort(key=lambda g: g["products"][0])
+    return [{"group": i, **g} for i, g in enumerate(out)]
+
+
+def pairs_of_groups(groups: list[dict]) -> list[tuple[str, str, float]]:
+    return sorted((a, b, float(s)) for g in groups for a, b, s in g["pairs"])
 
 
 def write_groups(groups: list[dict], output: str) -> None:
@@ -186,13 +222,21 @@ class DedupResult:
     seconds: float
     version: str
     threshold: float
+    verify: dict | None = None  # verification counts (index.jobs.verify.ProductVerifier.stats)
 
     def line(self) -> str:
         products = sum(len(g["products"]) for g in self.groups)
         rate = self.queries / max(self.seconds, 1e-9)
-        return (f"{len(self.groups)} group(s), {products} products, {self.pairs} pair(s) at similarity >= "
-                f"{self.threshold:g}; {self.queries} vectors scanned against version {self.version} "
-                f"in {self.seconds:.1f} s ({rate:.0f}/s)")
+        if self.verify is None:
+            found = f"{self.pairs} pair(s) at similarity >= {self.threshold:g}"
+        else:
+            v = self.verify
+            found = (f"{self.pairs} verified pair(s) of {v['candidate_pairs']} candidate(s) at similarity >= "
+                     f"{self.threshold:g} (disagreement <= {v['max_disagreement']:g}, {v['seconds']:.1f} s"
+                     + (f"; {v['unverifiable_pairs']} unverifiable: image missing or unreadable" if v["unverifiable_pairs"] else "")
+                     + ")")
+        return (f"{len(self.groups)} group(s), {products} products, {found}; {self.queries} vectors scanned "
+                f"against version {self.version} in {self.seconds:.1f} s ({rate:.0f}/s)")
 
 
 def count_live_vectors(store) -> int:
@@ -219,8 +263,37 @@ def run_dedup(store, index_root: str, cfg: DedupConfig, *, progress: bool = True
             bar.update(len(ids))
     if bar:
         bar.close()
-    groups = collector.groups()
-    return DedupResult(groups, len(collector.best), collector.queries, time.monotonic() - t0, idx.version, cfg.threshold)
+    result = DedupResult(collector.groups(), len(collector.best), collector.queries, time.monotonic() - t0, idx.version,
+                         cfg.threshold)
+    if cfg.verify is not None:
+        result = verify_result(result, store, cfg, progress=progress)
+    return result
+
+
+def verify_result(result: DedupResult, store, cfg: DedupConfig, *, progress: bool = False) -> DedupResult:
+    """Keep only the candidate pairs of ``result`` that verification confirms on the images, and
+    regroup them. Candidates are taken in sorted order (image caches stay warm)."""
+    from index.jobs.verify import ProductVerifier
+
+    t0 = last = time.monotonic()
+    candidates = pairs_of_groups(result.groups)
+    verifier = ProductVerifier(store, cfg.verify, cfg.image_root)
+    kept = []
+    for i, (a, b, score) in enumerate(candidates, start=1):
+        m = verifier.match(a, b)
+        if m is not None and m.accepted(verifier.cfg):
+            kept.append((a, b, score))
+        if progress and (time.monotonic() - last >= VERIFY_LOG_SECONDS or i == len(candidates)):
+            last = time.monotonic()
+            log.info("verify: %d/%d candidate pairs, %d verified, %.1f pairs/s", i, len(candidates), len(kept),
+                     i / max(last - t0, 1e-9))
+    stats = verifier.stats()
+    stats.update(max_disagreement=verifier.cfg.max_disagreement, seconds=round(time.monotonic() - t0, 3))
+    if stats["unverifiable_pairs"]:
+        log.warning("verify: %d candidate pair(s) left out, an image could not be read; first: %s",
+                    stats["unverifiable_pairs"], "; ".join(stats["errors"][:3]))
+    return dataclasses.replace(result, groups=group_pairs(kept), pairs=len(kept),
+                               seconds=result.seconds + stats["seconds"], verify=stats)
 
 
 # ---------------------------------------------------------------- calibration
@@ -305,14 +378,66 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
             "positives": n_pos, "negatives": int((~labels).sum()), "accepted": int(accepted.sum())}
 
 
-def calibrate(store, labels_path: str, target_precision: float) -> dict:
+def calibrate(store, labels_path: str, target_precision: float, *, verify=None, image_root: str | None = None) -> dict:
+    """Thresholds from labelled product pairs. Without ``verify``: the similarity threshold. With a
+    VerifyConfig: a candidate similarity threshold and the verification threshold
+    (``verify_threshold``, the largest disagreement accepted), chosen together."""
     pairs = read_labels(labels_path)
     scores = product_pair_scores(store, pairs)
     missing = int(np.isnan(scores).sum())
-    result = choose_threshold(scores, np.array([p.duplicate for p in pairs]), target_precision)
+    labels = np.array([p.duplicate for p in pairs])
+    if verify is None:
+        result = choose_threshold(scores, labels, target_precision)
+    else:
+        from index.jobs.verify import candidate_threshold, choose_verify_thresholds
+
+        candidate = candidate_threshold(scores, labels)
+        dis, unreadable = verification_scores(store, pairs, scores, verify, image_root, min_similarity=candidate)
+        result = choose_verify_thresholds(scores, dis, labels, target_precision, candidate)
+        result["unverifiable_pairs"] = unreadable  # an image could not be read (counted as rejected)
+        result["unaligned_pairs"] = int(np.sum(np.isinf(dis) & (scores >= candidate))) - unreadable
     result["labelled_pairs"] = len(pairs)
     result["unscored_pairs"] = missing
     return result
+
+
+def verification_scores(store, pairs: list[LabelledPair], similarity: np.ndarray, verify, image_root=None,
+                        min_similarity: float = -1.0) -> tuple[np.ndarray, int]:
+    """Lowest disagreement of each labelled product pair over its image pairs (inf: not compared,
+    similarity below ``min_similarity``, no alignment with enough overlap, or an unreadable
+    image), and how many pairs had no readable image pair."""
+    from index.jobs.verify import ProductVerifier
+
+    verifier = ProductVerifier(store, verify, image_root)
+    out = np.full(len(pairs), np.inf, np.float64)
+    order = sorted(range(len(pairs)), key=lambda i: (pairs[i].a, pairs[i].b))
+    for i in order:
+        if np.isnan(similarity[i]) or similarity[i] < min_similarity:
+            continue
+        m = verifier.match(pairs[i].a, pairs[i].b, exhaustive=True)
+        if m is not None:
+            out[i] = m.disagreement
+    return out, verifier.unverifiable
+
+
+def job_config_path(output: str) -> str:
+    return output + ".job.json"
+
+
+def write_job_config(output: str, cfg: DedupConfig, result: DedupResult, calibration: dict | None = None,
+                     index_root: str | None = None, store: str | None = None) -> str:
+    """The job's settings (thresholds included) and counts, next to the output (atomic)."""
+    from index.versions import write_bytes_atomic
+
+    products = sum(len(g["products"]) for g in result.groups)
+    doc = {"output": os.path.basename(output), "store": store, "index_root": index_root,
+           "index_version": result.version, "config": cfg.to_json(), "calibration": calibration,
+           "counts": {"groups": len(result.groups), "products": products, "pairs": result.pairs,
+                      "queries": result.queries, "seconds": round(result.seconds, 3)},
+           "verify": result.verify}
+    path = job_config_path(output)
+    write_bytes_atomic(path, (json.dumps(doc, indent=1, default=str) + "\n").encode("utf-8"))
+    return path
 
 
 def iter_jsonl(path: str) -> Iterator[dict]:
