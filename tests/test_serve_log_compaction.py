@@ -16,8 +16,7 @@ import pytest
 
 from serve import updates
 from serve.updates import LogCursor, UpdateLog
-from tests.test_serve import DIM, colour_embed
-from tests.test_serve_updates import AUTH, _client, _make_catalog, _png_b64, _top
+from tests.test_serve_updates import AUTH, _client, _png_b64, _top, make_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,18 +296,7 @@ def test_compact_if_large_waits_for_the_log_to_double(log):
 
 @pytest.fixture()
 def env(tmp_path):
-    """A store of 12 products and index version v1 built from it (as in test_serve_updates)."""
-    from index.build import build_version
-    from index.catalog import ingest_catalog
-    from index.sources import store_source
-    from index.store import CatalogStore
-
-    _make_catalog(tmp_path)
-    store_path, index_root = tmp_path / "store", tmp_path / "index"
-    with CatalogStore.create_or_open(store_path, dim=DIM, vector_dtype="float32") as store:
-        ingest_catalog(tmp_path / "catalog.csv", store, colour_embed, progress=False)
-        build_version(store_source(store), str(index_root), factory="auto", version="v1")
-    return tmp_path, store_path, index_root
+    return make_env(tmp_path)
 
 
 def _write_sidecar(index_root, version, store_path, generation):

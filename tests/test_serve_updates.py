@@ -53,14 +53,19 @@ def _make_catalog(root, n_products=12):
     (root / "catalog.csv").write_text("\n".join(lines) + "\n")
 
 
-@pytest.fixture()
-def env(tmp_path):
+def make_env(tmp_path):
+    """A store of 12 products and index version v1 built from it."""
     _make_catalog(tmp_path)
     store_path, index_root = tmp_path / "store", tmp_path / "index"
     with CatalogStore.create_or_open(store_path, dim=DIM, vector_dtype="float32") as store:
         ingest_catalog(tmp_path / "catalog.csv", store, colour_embed, progress=False)
         build_version(store_source(store), str(index_root), factory="auto", version="v1")
     return tmp_path, store_path, index_root
+
+
+@pytest.fixture()
+def env(tmp_path):
+    return make_env(tmp_path)
 
 
 _STORES: dict = {}
