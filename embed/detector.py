@@ -221,7 +221,7 @@ def detector_input(image: Image.Image, size: int) -> np.ndarray:
     before normalising instead of after (bilinear is linear: equal up to float
     rounding, ~1e-6), on the small image; numpy, so no OpenMP pool is involved.
     """
-    pixels = np.asarray(image.convert("RGB"))
+    pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     r_lo, r_hi, r_wlo, r_whi = _bilinear_taps(pixels.shape[0], size)
     c_lo, c_hi, c_wlo, c_whi = _bilinear_taps(pixels.shape[1], size)
     rows = np.take(pixels, r_lo, axis=0).astype(np.float32)
@@ -397,10 +397,9 @@ class ProductDetector(nn.Module):
         runner = self._net_runner()
         if isinstance(runner, _TorchvisionForward):
             return self._detect_torchvision(images, threshold)
-        rgb = [im.convert("RGB") for im in images]
-        logits, regression = runner(np.stack([detector_input(im, self.config.image_size) for im in rgb]))
+        logits, regression = runner(np.stack([detector_input(im, self.config.image_size) for im in images]))
         with torch.inference_mode():
-            return [self._select(logits[i], regression[i], image, threshold) for i, image in enumerate(rgb)]
+            return [self._select(logits[i], regression[i], image, threshold) for i, image in enumerate(images)]
 
     def _select(self, logits: torch.Tensor, regression: torch.Tensor, image: Image.Image, threshold: float) -> Detections:
         """torchvision's ``SSD.postprocess_detections`` + box rescale for one image, decoding only the candidates.

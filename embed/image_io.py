@@ -20,6 +20,9 @@ DEFAULT_MAX_PIXELS = 40_000_000
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
 
 
+ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+
+
 class BadImage(BadInput):
     """The bytes are not a decodable image (empty, truncated, unknown format)."""
 
@@ -89,3 +92,19 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return image.convert("RGB")
+
+
+def load_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Any accepted image form -> an RGB PIL image.
+
+    Bytes and paths go through :func:`embed.image_io.decode_image` (pixel
+    limit, EXIF orientation, transparency flattened onto white). A PIL image
+    is taken as already decoded and only converted to RGB.
+    """
+    if isinstance(source, Image.Image):
+        if source.width < 1 or source.height < 1:
+            raise BadImage(f"{name or 'image'} has an empty size {source.width}x{source.height}")
+        return source if source.mode == "RGB" else source.convert("RGB")
+    if isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return decode_image(source, name=name)
+    raise BadImage(f"{name or 'image'} has unsupported type {type(source).__name__}; expected PIL.Image, bytes or a path")

@@ -13,37 +13,18 @@ copies stay nearest to their source.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from embed.image_io import BadImage, decode_image
-
-ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike
+from embed.image_io import BadImage, ImageSource, decode_image, load_rgb  # noqa: F401 - re-exported
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The pad colour, in 0..255 RGB: the mean, so that it normalises to 0.
 PAD_RGB = tuple(round(255 * m) for m in IMAGENET_MEAN)
-
-
-def load_rgb(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Any accepted image form -> an RGB PIL image.
-
-    Bytes and paths go through :func:`embed.image_io.decode_image` (pixel
-    limit, EXIF orientation, transparency flattened onto white). A PIL image
-    is taken as already decoded and only converted to RGB.
-    """
-    if isinstance(source, Image.Image):
-        if source.width < 1 or source.height < 1:
-            raise BadImage(f"{name or 'image'} has an empty size {source.width}x{source.height}")
-        return source if source.mode == "RGB" else source.convert("RGB")
-    if isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
-        return decode_image(source, name=name)
-    raise BadImage(f"{name or 'image'} has unsupported type {type(source).__name__}; expected PIL.Image, bytes or a path")
 
 
 def letterbox(image: Image.Image, size: int) -> Image.Image:

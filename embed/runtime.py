@@ -274,7 +274,6 @@ class OnnxRuntimeRunner:
     def __init__(self, net: EmbeddingNet, image_size: int, threads: int | None = None):
         example = torch.zeros(2, 3, image_size, image_size)
         self.model = OnnxModel("embedder", net, example, ["vectors"], net.config.to_dict(), threads)
-        self.session = self.model.session
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.model(x.numpy())[0])

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 
 from serve.errors import ApiError
 
@@ -53,10 +52,6 @@ def _repo_path() -> str:
     return os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _put_product(store, request: dict) -> dict:
     import numpy as np
 
@@ -81,7 +76,7 @@ def _delete_product(store, request: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     from index.store import CatalogStore, StoreLocked
-    from serve.updates import UpdateLog
+    from serve.updates import UpdateLog, utc_now
 
     store_path = argv[0]
     request = json.loads(sys.stdin.buffer.read())
@@ -97,7 +92,7 @@ def main(argv: list[str]) -> int:
         if result["add"] or result["delete"]:
             # After the commit, under the same lock: log order is commit order, and ``gen`` (the
             # store's generation after this write) tells which index builds already hold it.
-            updates.append({"at": _now(), "pid": os.getpid(), "gen": store.generation,
+            updates.append({"at": utc_now(), "pid": os.getpid(), "gen": store.generation,
                             "add": result["add"], "delete": result["delete"]})
     print(json.dumps(result), flush=True)
     try:  # the store's lock is released: a long log is compacted without blocking other store writers

@@ -91,7 +91,8 @@ def _signature(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The log's ``at`` timestamp: UTC, milliseconds, ``Z``."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -334,7 +335,7 @@ class UpdateLog:
                 return None
             new_header = {"epoch": old_epoch + 1, "replaces": {"epoch": old_epoch, "size": len(data)},
                           "applied_prefix": applied_prefix, "dropped_through": dropped_through,
-                          "compacted_bytes": len(body), "at": _now(), "pid": os.getpid()}
+                          "compacted_bytes": len(body), "at": utc_now(), "pid": os.getpid()}
             head = (json.dumps(new_header, separators=(",", ":")) + "\n").encode()
             assert head.startswith(HEADER_PREFIX)
             from index.versions import write_bytes_atomic

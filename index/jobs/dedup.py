@@ -427,7 +427,7 @@ def job_config_path(output: str) -> str:
 def write_job_config(output: str, cfg: DedupConfig, result: DedupResult, calibration: dict | None = None,
                      index_root: str | None = None, store: str | None = None) -> str:
     """The job's settings (thresholds included) and counts, next to the output (atomic)."""
-    from index.versions import write_bytes_atomic
+    from index.versions import write_json_atomic
 
     products = sum(len(g["products"]) for g in result.groups)
     doc = {"output": os.path.basename(output), "store": store, "index_root": index_root,
@@ -436,7 +436,7 @@ def write_job_config(output: str, cfg: DedupConfig, result: DedupResult, calibra
                       "queries": result.queries, "seconds": round(result.seconds, 3)},
            "verify": result.verify}
     path = job_config_path(output)
-    write_bytes_atomic(path, (json.dumps(doc, indent=1, default=str) + "\n").encode("utf-8"))
+    write_json_atomic(path, doc)
     return path
 
 

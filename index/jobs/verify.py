@@ -124,14 +124,10 @@ def _fft():
 
 def to_rgb_image(source) -> Image.Image:
     """A PIL RGB image from a PIL image, a path or bytes (decoded with the catalog's safe decoder)."""
-    if isinstance(source, Image.Image):
-        return source if source.mode == "RGB" else source.convert("RGB")
-    from embed.image_io import decode_image
+    from embed.image_io import load_rgb
 
-    if not isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
-        raise ImageUnavailable(f"not an image, path or bytes: {type(source).__name__}")
     try:
-        return decode_image(source)
+        return load_rgb(source)
     except BadInput as exc:
         raise ImageUnavailable(str(exc)) from None
 
@@ -217,8 +213,7 @@ class Alignment:
     angle: float = 0.0  # radians
 
     def matrix(self) -> np.ndarray:
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        return self.scale * np.array([[c, -s], [s, c]])
+        return self.scale * _rotation_matrix(self.angle)
 
 
 def _place(x: np.ndarray, oy: int, ox: int, size: int) -> np.ndarray:
@@ -353,11 +348,6 @@ def iter_alignments(a: Prepared, b: Prepared, cfg: VerifyConfig | None = None) -
             angle = estimate_rotation(a, b, cfg.max_rotation)
             if abs(angle) >= np.deg2rad(MIN_ROTATION_DEGREES):
                 yield _refine(a, b, coarse, cfg, angle)
-
-
-def align(a: Prepared, b: Prepared, cfg: VerifyConfig | None = None) -> list[Alignment]:
-    """All candidate alignments of B onto A, best refined phase-correlation peak first."""
-    return sorted(iter_alignments(a, b, cfg), key=lambda al: -al.peak)
 
 
 # ---------------------------------------------------------------- comparison
