@@ -45,8 +45,9 @@ bench: data
 
 # Trains the detector and embedder on the sample catalog's train products (2 CPU cores: ~20 min);
 # `make demo` then uses demo-data/train/model.ckpt.
+# PASSIVE: torch's OpenMP threads sleep instead of spinning, which on shared cores was 2-30x faster (BENCHMARKS.md).
 train-demo: install data
-	TORCHDYNAMO_DISABLE=1 $(PY) -m train.demo --workdir demo-data/train
+	TORCHDYNAMO_DISABLE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m train.demo --workdir demo-data/train
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -67,6 +67,37 @@ def test_resume_continues_exactly(catalog, two_epochs, tmp_path):
         torch.testing.assert_close(same[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("trainable_from", [14, 17])
+def test_detector_scene_cache_keeps_the_map_above_the_frozen_blocks_once(catalog, trainable_from):
+    """From block 14 up everything learns, so the map the learning blocks read is the stride-16 map itself."""
+    from dataclasses import replace
+
+    from embed.detector import DetectorConfig, ProductDetector
+    from train.commands import TrainingData
+    from train.engine import DetectorStage, TrainConfig
+
+    config = replace(TrainConfig(scenes=4, detector_passes=1, detector_image_size=128, max_products=4),
+                     detector_trainable_from=trainable_from)
+    stage = DetectorStage(ProductDetector.pretrained(DetectorConfig(image_size=128)), config)
+    cache = stage.cache(TrainingData.from_catalog(catalog, config).scenes(), progress=False, batch=2)
+    assert len(cache) == 4 and cache.map16.shape[:2] == (4, 96)
+    if trainable_from == 14:
+        assert cache.mid is cache.map16
+    else:
+        assert cache.mid.shape[:2] == (4, 160)  # the output of frozen blocks 14..16
+    assert np.isfinite(stage.train_epoch(cache, 0))
+
+
+def test_embedder_batches_shrink_to_the_products_and_views_the_cache_holds():
+    from embed.model import EmbedderConfig, EmbeddingNet
+    from train.engine import EmbedderStage, TrainConfig, ViewCache
+
+    stage = EmbedderStage(EmbeddingNet.pretrained(EmbedderConfig(image_size=64)), TrainConfig(image_size=64))
+    sampler = stage.sampler(ViewCache(torch.zeros(12, 1), np.repeat(np.arange(4), 3)))  # 4 products x 3 views
+    assert (sampler.p, sampler.k) == (4, 3)
+    assert (TrainConfig().products_per_batch, TrainConfig().views_per_batch) == (32, 6)
+
+
 def test_cli_train_is_wired_and_reports_bad_catalog(tmp_path, capsys):
     status = cli.main(["train", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x.ckpt")])
     assert status == 2

@@ -139,7 +139,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         "epochs": args.epochs, "loss": args.loss, "seed": args.seed, "shopper_views": args.views, "scenes": args.scenes,
         "max_products": args.max_products, "image_size": args.image_size, "detector_image_size": args.detector_image_size,
-        "detector_passes": args.detector_passes,
+        "detector_passes": args.detector_passes, "embed_trainable_from": args.embed_trainable_from,
+        "detector_trainable_from": args.detector_trainable_from,
     }
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     return replace(config, detector=False) if args.no_detector else config

@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import queue
+import threading
 import warnings
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_END = object()
 
 
 class FrozenPrefix:
@@ -51,3 +58,45 @@ def freeze(module: nn.Module) -> None:
     module.eval()
     for param in module.parameters():
         param.requires_grad_(False)
+
+
+def prefetched(items: Iterable[T], depth: int = 64) -> Iterator[T]:
+    """``items`` in order, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    Making views and scenes is PIL/numpy work on one core, much of it outside
+    the GIL, while the frozen trunk's forward is torch work; overlapping the
+    two shortens building a cache. An exception in the producer is raised in
+    the consumer; a consumer that stops early stops the producer.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            failure.append(exc)
+        put(_END)
+
+    producer = threading.Thread(target=produce, name="prefetch", daemon=True)
+    producer.start()
+    try:
+        while (item := buffer.get()) is not _END:
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stop.set()
+        producer.join(timeout=5.0)
