@@ -87,6 +87,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, fields, replace  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -388,20 +389,8 @@ def run_embedder(args, runs: list[Run], ss, save) -> list[dict]:
         train = ViewCache(maps.train[torch.from_numpy(keep)], np.asarray(views.train_labels)[keep])
         validation = ValidationCache(ViewCache(maps.queries, np.asarray(views.query_labels)),
                                      ViewCache(maps.catalog, np.asarray(views.catalog_labels)), views.products)
-        history, train_s, eval_s = [], 0.0, 0.0
-        for epoch in range(conf.epochs):
-            torch.manual_seed(conf.seed * 1000 + epoch)  # as TrainingRun.fit
-            t0 = time.perf_counter()
-            loss = stage.train_epoch(train, epoch)
-            t1 = time.perf_counter()
-            recall = validation.recall(stage)
-            t2 = time.perf_counter()
-            train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
-            history.append({"epoch": epoch + 1, "loss": loss, **{k.replace("val_", ""): v for k, v in recall.items()},
-                            "train_seconds": round(t1 - t0, 2)})
-            print(f"  {run.spec} epoch {epoch + 1}/{conf.epochs}: loss {loss:.4f}  R@1 {recall['val_recall@1']:.3f}  "
-                  f"R@5 {recall['val_recall@5']:.3f}  R@10 {recall['val_recall@10']:.3f}  "
-                  f"(train {t1 - t0:.1f} s, eval {t2 - t1:.1f} s)", flush=True)
+        history, train_s, eval_s = timed_epochs(run.spec, conf, stage, train, partial(recall_metrics, validation, stage),
+                                                recall_line)
         tta = flip_tta_recall(stage, validation, maps)
         last = history[-1]
         rows.append({"spec": run.spec, "config": conf.to_dict(), "train_views": len(train),
@@ -412,6 +401,44 @@ def run_embedder(args, runs: list[Run], ss, save) -> list[dict]:
         print_embedder_rows(rows[-1:], header=False)
         save(rows, settings)
     return rows
+
+
+def recall_metrics(validation, stage) -> dict[str, float]:
+    return {k.replace("val_", ""): v for k, v in validation.recall(stage).items()}
+
+
+def recall_line(metrics: dict) -> str:
+    return f"R@1 {metrics['recall@1']:.3f}  R@5 {metrics['recall@5']:.3f}  R@10 {metrics['recall@10']:.3f}"
+
+
+def ap_metrics(detector, photos, truth) -> dict[str, float]:
+    ap, top = detector_scores(detector, photos, truth)
+    return {"ap@0.5": ap, "top_iou>=0.5": top}
+
+
+def ap_line(steps: int, metrics: dict) -> str:
+    return f"AP@0.5 {metrics['ap@0.5']:.3f}  top IoU>=0.5 {metrics['top_iou>=0.5']:.3f}  ({steps} steps)"
+
+
+def timed_epochs(spec: str, conf, stage, data, evaluate, describe) -> tuple[list[dict], float, float]:
+    """Train ``stage`` on ``data`` for ``conf.epochs`` epochs, each seeded as ``TrainingRun.fit`` seeds it.
+
+    Returns the per-epoch rows (epoch, loss, ``evaluate()``'s metrics, train seconds) and the
+    total train and evaluation seconds; prints one line per epoch (``describe(metrics)``).
+    """
+    history, train_s, eval_s = [], 0.0, 0.0
+    for epoch in range(conf.epochs):
+        torch.manual_seed(conf.seed * 1000 + epoch)
+        t0 = time.perf_counter()
+        loss = stage.train_epoch(data, epoch)
+        t1 = time.perf_counter()
+        metrics = evaluate()
+        t2 = time.perf_counter()
+        train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
+        history.append({"epoch": epoch + 1, "loss": loss, **metrics, "train_seconds": round(t1 - t0, 2)})
+        print(f"  {spec} epoch {epoch + 1}/{conf.epochs}: loss {loss:.4f}  {describe(metrics)}  "
+              f"(train {t1 - t0:.1f} s, eval {t2 - t1:.1f} s)", flush=True)
+    return history, train_s, eval_s
 
 
 EMBEDDER_HEADER = ("| run | R@1 | R@5 | R@10 | flip-TTA R@1 | flip-TTA R@10 | train views | cache s | train s |\n"
@@ -473,19 +500,8 @@ def run_detector(args, runs: list[Run], ss, save) -> list[dict]:
         _, full, cache_s = cached
         n = run.size
         scenes = SceneCache(full.map16[:n], None if full._mid is None else full._mid[:n], full.targets[:n])
-        history, train_s, eval_s = [], 0.0, 0.0
-        for epoch in range(conf.epochs):
-            torch.manual_seed(conf.seed * 1000 + epoch)  # as TrainingRun.fit
-            t0 = time.perf_counter()
-            loss = stage.train_epoch(scenes, epoch)
-            t1 = time.perf_counter()
-            ap, top = detector_scores(detector, photos, truth)
-            t2 = time.perf_counter()
-            train_s, eval_s = train_s + t1 - t0, eval_s + t2 - t1
-            history.append({"epoch": epoch + 1, "loss": loss, "ap@0.5": ap, "top_iou>=0.5": top,
-                            "train_seconds": round(t1 - t0, 2)})
-            print(f"  {run.spec} epoch {epoch + 1}/{conf.epochs}: loss {loss:.3f}  AP@0.5 {ap:.3f}  top IoU>=0.5 {top:.3f}  "
-                  f"({stage.steps_per_epoch(scenes)} steps, train {t1 - t0:.1f} s, eval {t2 - t1:.1f} s)", flush=True)
+        history, train_s, eval_s = timed_epochs(run.spec, conf, stage, scenes, partial(ap_metrics, detector, photos, truth),
+                                                partial(ap_line, stage.steps_per_epoch(scenes)))
         last = history[-1]
         rows.append({"spec": run.spec, "config": conf.to_dict(), "scenes": n, "ap@0.5": last["ap@0.5"],
                      "top_iou>=0.5": last["top_iou>=0.5"], "cache_seconds": round(cache_s, 1),
