@@ -234,21 +234,10 @@ def http_table(model: Path, server_repos: list[tuple[str, Path]], requests: int,
 
 def _server(repo: Path, index_root, store, model: Path):
     """bench_serve.Server, but running the code of ``repo``."""
-    import subprocess
-
     import bench_serve
 
-    server = bench_serve.Server.__new__(bench_serve.Server)
-    server.port = bench_serve.free_port()
-    log_dir = Path(tempfile.gettempdir()) / "imgsearch-bench-query"
-    log_dir.mkdir(exist_ok=True)
-    server.log_path = log_dir / f"server-{server.port}.log"
-    server._log = open(server.log_path, "wb")
-    args = [sys.executable, "-m", "imgsearch", "serve", "--index-root", str(index_root), "--store", str(store),
-            "--host", "127.0.0.1", "--port", str(server.port), "--threads", "16", "--model", str(model)]
-    env = {**os.environ, "IMGSEARCH_ADMIN_TOKEN": bench_serve.TOKEN, "TORCHDYNAMO_DISABLE": "1", "PYTHONPATH": str(repo)}
-    server.proc = subprocess.Popen(args, stdout=server._log, stderr=subprocess.STDOUT, cwd=repo, env=env, start_new_session=True)
-    return server.wait_ready(timeout_s=600)
+    return bench_serve.Server(index_root, store, "--threads", "16", "--model", str(model), log_name="query-server",
+                              repo=repo).wait_ready(timeout_s=600)
 
 
 def main() -> int:

@@ -53,7 +53,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, index_root, store, *extra: str, log_name: str = "server"):
+    """``imgsearch serve`` in its own session, logging to a file; ``repo`` runs another checkout's code."""
+
+    def __init__(self, index_root, store, *extra: str, log_name: str = "server", repo: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "imgsearch-bench-serve"
@@ -63,7 +65,9 @@ class Server:
         args = [sys.executable, "-m", "imgsearch", "serve", "--index-root", str(index_root), "--store", str(store),
                 "--host", "127.0.0.1", "--port", str(self.port), *extra]
         env = {**os.environ, "IMGSEARCH_ADMIN_TOKEN": TOKEN, "TORCHDYNAMO_DISABLE": "1"}
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+        if Path(repo).resolve() != REPO.resolve():
+            env["PYTHONPATH"] = str(repo)
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=repo, env=env,
                                      start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 300) -> Server:
