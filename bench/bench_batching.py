@@ -18,8 +18,9 @@ HTTP, no threads and no queueing, for three stages:
    inner product like the served embeddings), single-threaded like a server worker
    (``serve.commands.FAISS_THREADS``).
 
-Inputs: the held-out query photos of the cached sample set, decoded once up front; the network
-stages see ``--photos`` of them, the search ``--queries`` fresh vectors from the same mixture.
+Inputs: the held-out query photos of the full sample set (``bench/datasets.py``: built on first
+use, then reused), decoded once up front; the network stages see ``--photos`` of them, the
+search ``--queries`` fresh vectors from the same mixture.
 At batch B each pass runs all inputs in calls of B, and the per-item cost is the pass time
 over the input count. Every round runs every (stage, batch) pass once, in an order that
 rotates from round to round, so load drift from the other jobs on the 2 shared cores hits all
@@ -61,7 +62,6 @@ FAISS_THREADS = 1  # serve.commands.FAISS_THREADS: each worker searches single-t
 BATCHES = (1, 4, 8, 32)
 STAGES = ("detector", "embedder", "faiss")
 DIM = 128
-SAMPLE_SET = Path("~/.cache/imgsearch/bench/sample_set_full")
 TUNE_QUERIES = 200
 
 
@@ -93,15 +93,13 @@ def _cpu_model() -> str | None:
 
 
 def query_photos(n: int) -> list:
-    """The sample set's held-out query photos, decoded (``load_rgb``) once."""
-    from embed.preprocess import load_rgb
-    from train.evaluate import RetrievalSet
-    from train.sample_data import load_sample_set
+    """The full sample set's held-out query photos (the set is built on first use), decoded (``load_rgb``) once."""
+    import datasets  # bench/datasets.py
 
-    root = SAMPLE_SET.expanduser()
-    if not (root / "config.json").exists():
-        raise SystemExit(f"no sample set at {root}: build it first (bench/bench_recall.py or `make` targets build it)")
-    paths = RetrievalSet.from_sample_set(load_sample_set(root)).query_images[:n]
+    from embed.image_io import load_rgb
+    from train.evaluate import RetrievalSet
+
+    paths = RetrievalSet.from_sample_set(datasets.full_sample_set()).query_images[:n]
     return [load_rgb(p) for p in paths]
 
 

@@ -193,17 +193,6 @@ def cache_root() -> Path:
     return datasets.cache_root()
 
 
-def sample_set():
-    """The full sample set every training benchmark uses (bench/datasets.py's ``embed`` too)."""
-    from train.sample_data import build_sample_set, load_sample_set
-
-    root = cache_root() / "sample_set_full"
-    if (root / "config.json").exists():
-        return load_sample_set(root)
-    print(f"building the sample set into {root} (once) ...", flush=True)
-    return build_sample_set(root, seed=0, progress=False)
-
-
 def machine() -> dict:
     return {"nproc": os.cpu_count(), "load_avg": [round(v, 2) for v in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__}
@@ -472,7 +461,7 @@ def detector_scores(detector, photos: list, truth: list[np.ndarray]) -> tuple[fl
 def run_detector(args, runs: list[Run], ss, save) -> list[dict]:
     """Every run in turn; ``save(rows, settings)`` after each."""
     from embed.detector import DetectorConfig, ProductDetector
-    from embed.preprocess import load_rgb
+    from embed.image_io import load_rgb
     from train.commands import TrainingData
     from train.engine import DetectorStage, SceneCache
 
@@ -499,7 +488,7 @@ def run_detector(args, runs: list[Run], ss, save) -> list[dict]:
             cached = (conf.detector_trainable_from, full, time.perf_counter() - t0)
         _, full, cache_s = cached
         n = run.size
-        scenes = SceneCache(full.map16[:n], None if full._mid is None else full._mid[:n], full.targets[:n])
+        scenes = full.first(n)
         history, train_s, eval_s = timed_epochs(run.spec, conf, stage, scenes, partial(ap_metrics, detector, photos, truth),
                                                 partial(ap_line, stage.steps_per_epoch(scenes)))
         last = history[-1]
@@ -569,7 +558,9 @@ def main(argv=None) -> int:
     load_before = load_avg()
     print(f"{args.command} sweep, {len(runs)} run(s); load {load_before}; {os.cpu_count()} cores (shared), "
           f"{args.threads} torch threads", flush=True)
-    ss = sample_set()
+    import datasets  # bench/datasets.py
+
+    ss = datasets.full_sample_set()
     t0 = time.monotonic()
     run, print_rows = (run_embedder, print_embedder_rows) if args.command == "embedder" else (run_detector, print_detector_rows)
 

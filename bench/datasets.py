@@ -71,6 +71,16 @@ def cache_root() -> Path:
     return root
 
 
+def full_sample_set():
+    """The full sample set (seed 0) the training, embedding and batching benchmarks share; built once, then reused."""
+    from train import sample_data as sd
+
+    root = cache_root() / "sample_set_full"
+    if not (root / "config.json").exists():
+        print(f"building the sample set into {root} (once) ...", flush=True)
+    return sd.build_sample_set(root, seed=0, progress=False)
+
+
 class Dataset:
     def __init__(self, name: str, folder: Path):
         self.name, self.folder = name, folder
@@ -268,7 +278,7 @@ def make_embed(folder: Path) -> Dataset:
 
     torch.set_num_threads(2)
     t0 = time.monotonic()
-    ss = sd.build_sample_set(cache_root() / "sample_set_full", seed=0, progress=False)
+    ss = full_sample_set()
     products = sd.list_products()
     train_set = set(ss.train_ids)
     pipe = load_pipeline(None, device="cpu")

@@ -85,6 +85,9 @@ def test_detector_scene_cache_keeps_the_map_above_the_frozen_blocks_once(catalog
         assert cache.mid is cache.map16
     else:
         assert cache.mid.shape[:2] == (4, 160)  # the output of frozen blocks 14..16
+    head = cache.first(3)
+    assert len(head) == 3 and torch.equal(head.map16, cache.map16[:3]) and torch.equal(head.mid, cache.mid[:3])
+    assert (head.mid is head.map16) == (trainable_from == 14)
     assert np.isfinite(stage.train_epoch(cache, 0))
 
 
