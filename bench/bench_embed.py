@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from embed.detector import DetectorConfig, ProductDetector  # noqa: E402
 from embed.image_io import decode_image  # noqa: E402
 from embed.pipeline import crop_with_margin, load_embedder  # noqa: E402
+from embed.preprocess import Preprocessor  # noqa: E402
 from embed.torchvision_compat import torchvision  # noqa: E402
 from imgsearch import assets  # noqa: E402
 from imgsearch.argtypes import positive_int  # noqa: E402
@@ -173,7 +174,7 @@ def shared_trunk_table(embedder, photos, queries, query_ids, gallery_vectors, ga
     with torch.inference_mode():
         for photo, query in zip(photos, queries):
             scale = size / max(photo.size)
-            fmap = net.trunk(embedder.preprocess.__class__(size)([photo]))
+            fmap = net.trunk(Preprocessor(size)([photo]))
             pad_x, pad_y = (size - photo.width * scale) / 2, (size - photo.height * scale) / 2
             x1, y1, x2, y2 = query["box"]
             box = torch.tensor([[0, x1 * scale + pad_x, y1 * scale + pad_y, x2 * scale + pad_x, y2 * scale + pad_y]], dtype=torch.float32)

@@ -272,13 +272,24 @@ def main() -> int:
     return 0
 
 
+class TorchNormalisingPreprocessor(Preprocessor):
+    """The embedder's preprocessing before it normalised in numpy: the same values, by torch ops (the "before" rows)."""
+
+    def __call__(self, images) -> torch.Tensor:
+        x = torch.from_numpy(self.to_uint8(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+
 def inprocess_tables(args) -> None:
     from embed.image_io import decode_image
 
     bodies = query_photos(args.photos)
     images = [decode_image(b) for b in bodies]
-    detectors = {name: load_detector(str(args.model), runtime=rt) for name, rt in
-                 (("torchvision (before)", "torchvision"), ("eager network", "eager"), ("onnxruntime", "onnxruntime"))}
+    detectors = {}
+    for name, detector_runtime in (("torchvision (before)", "torchvision"), ("eager network", "eager"), ("onnxruntime", "onnxruntime")):
+        detectors[name] = load_detector(str(args.model))
+        detectors[name].use_runtime(detector_runtime)
     sizes = np.array([im.size for im in images])
     print(f"{len(images)} query photos, {sizes.min(0)}..{sizes.max(0)} px; detector runtimes: "
           f"{[d.runtime for d in detectors.values()]}")
@@ -290,7 +301,7 @@ def inprocess_tables(args) -> None:
 
     with spinning(True):
         before = load_embedder(str(args.model), device="cpu")
-    before.preprocess = Preprocessor(before.config.image_size)  # torch normalisation, as before
+    before.preprocess = TorchNormalisingPreprocessor(before.config.image_size)
     after = load_pipeline(str(args.model), device="cpu")
     pipelines = {}
     for thr in (None, args.crop_threshold):

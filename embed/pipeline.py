@@ -19,32 +19,15 @@ from PIL import Image
 
 from embed.checkpoint import Checkpoint, prefixed, state_dict_sha256
 from embed.detector import DetectorConfig, ProductDetector
+from embed.image_io import ImageSource, load_rgb
 from embed.model import BadCheckpoint, EmbedderConfig, EmbeddingNet
-from embed.preprocess import ImageSource, Preprocessor, load_rgb
+from embed.preprocess import Preprocessor
 from embed.runtime import make_runner, resolve_device
 from imgsearch.errors import BadInput
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-
-
-@dataclass(frozen=True)
-class NumpyPreprocessor(Preprocessor):
-    """:class:`Preprocessor`'s values, bit for bit, normalised in numpy; NCHW contiguous (ONNX Runtime's layout).
-
-    torch's elementwise ops on a batch this size run OpenMP parallel regions,
-    and on 2 cores shared with other work each one can wait out a preempted
-    thread: normalising one 224 px crop took ~30 ms that way, ~1 ms in numpy.
-    The eager/TorchScript runners convert to channels_last themselves.
-    """
-
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        batch = self.to_uint8(images).astype(np.float32)
-        batch /= np.float32(255.0)
-        batch -= np.asarray(self.mean, dtype=np.float32)
-        batch /= np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
 
 def _image_name(source: ImageSource, index: int) -> str | None:
@@ -67,7 +50,7 @@ class Embedder:
         self.model_hash = model_hash
         self.batch_size = batch_size
         self.device = resolve_device(device)
-        self.preprocess = NumpyPreprocessor(self.config.image_size)
+        self.preprocess = Preprocessor(self.config.image_size)
         calibration_batch = self.preprocess([load_rgb(im) for im in calibration]) if calibration else None
         self.runner = make_runner(net, runtime, self.device, calibration_batch)
 
@@ -141,11 +124,11 @@ def make_checkpoint(net: EmbeddingNet, detector: ProductDetector | None = None, 
     return Checkpoint(config=config, state_dict=state, extra=dict(extra or {}))
 
 
-def load_detector(checkpoint: str | os.PathLike | Checkpoint, runtime: str = "eager") -> ProductDetector | None:
+def load_detector(checkpoint: str | os.PathLike | Checkpoint) -> ProductDetector | None:
     """The checkpoint's trained detector (eval mode), or None when it carries none.
 
-    ``runtime``: how ``detect`` runs the network (:meth:`ProductDetector.use_runtime`);
-    ``eager`` by default, which follows further training; :func:`load_pipeline` asks for ``auto``.
+    ``detect`` runs the torch modules (``eager``, which follows further training);
+    :meth:`ProductDetector.use_runtime` switches, as :func:`load_pipeline` does.
     """
     loaded = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.load(checkpoint)
     config = loaded.config.get("detector")
@@ -156,10 +139,7 @@ def load_detector(checkpoint: str | os.PathLike | Checkpoint, runtime: str = "ea
         detector.load_state_dict(loaded.part("detector"), strict=True)
     except (BadInput, RuntimeError, TypeError) as exc:
         raise BadCheckpoint(f"checkpoint detector does not load: {str(exc)[:300]}") from None
-    detector.eval()
-    if runtime != "eager":
-        detector.use_runtime(runtime)
-    return detector
+    return detector.eval()
 
 
 @dataclass

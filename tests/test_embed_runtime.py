@@ -162,11 +162,12 @@ def test_embedder_second_load_reads_the_cache(cache, monkeypatch, photos, eager_
     np.testing.assert_allclose(second.embed(photos), eager_vectors, atol=1e-4)
 
 
-def test_numpy_preprocessor_is_bit_exact_with_the_torch_one(photos):
-    from embed.pipeline import NumpyPreprocessor
+def test_preprocessor_normalises_in_numpy_bit_exact_with_torch_ops_into_channels_last(photos):
     from embed.preprocess import Preprocessor
 
-    want = Preprocessor(224)(photos).numpy()
-    got = NumpyPreprocessor(224)(photos)
-    assert got.is_contiguous() and got.dtype == torch.float32
-    np.testing.assert_array_equal(got.numpy(), want)
+    preprocess = Preprocessor(224)
+    got = preprocess(photos)
+    x = torch.from_numpy(preprocess.to_uint8(photos)).permute(0, 3, 1, 2).float().div_(255.0)
+    want = x.sub_(torch.tensor(preprocess.mean).view(1, 3, 1, 1)).div_(torch.tensor(preprocess.std).view(1, 3, 1, 1))
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -177,8 +177,8 @@ def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD)
     pipeline's threshold, cropped with its margin, else the whole image), with
     one detector pass serving both the recall and the AP measurement.
     """
+    from embed.image_io import load_rgb
     from embed.pipeline import crop_with_margin
-    from embed.preprocess import load_rgb
 
     decoded = [load_rgb(im) for im in images]
     if pipeline.detector is None:
