@@ -82,14 +82,6 @@ def test_faster_rcnn_variant_gives_valid_boxes_and_losses(photos):
 
 # --- the fast detect path: numpy preprocessing, network on a runtime, postprocess over candidates only ---
 
-needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime/onnx not installed")
-
-
-@pytest.fixture(scope="module")
-def real_photos() -> list[Image.Image]:
-    return [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea", "rocket")]
-
-
 def _sharpened(seed: int = 0) -> ProductDetector:
     """ImageNet trunk, seeded random heads: top scores spread over ~0.27-0.38, so the default 0.3 threshold bites."""
     with torch.random.fork_rng():
@@ -146,7 +138,7 @@ def test_detector_input_matches_torchvisions_transform(real_photos):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("runtime", ["eager", pytest.param("onnxruntime", marks=needs_onnxruntime)])
+@pytest.mark.parametrize("runtime", ["eager", pytest.param("onnxruntime", marks=pytest.mark.onnxruntime)])
 @pytest.mark.parametrize("threshold", [None, 0.0])  # None: the config's 0.3
 def test_fast_paths_match_torchvisions_forward_on_real_photos(sharp_detectors, reference_detections, real_photos, runtime, threshold):
     dets, _ = sharp_detectors
@@ -160,7 +152,7 @@ def test_fast_paths_match_torchvisions_forward_on_real_photos(sharp_detectors, r
         assert_same_detections(g, w)
 
 
-@needs_onnxruntime
+@pytest.mark.onnxruntime
 def test_onnxruntime_batch_equals_one_photo_at_a_time(sharp_detectors, real_photos):
     det = sharp_detectors[0]["onnxruntime"]
     together = det.detect(real_photos, 0.0)
@@ -168,19 +160,16 @@ def test_onnxruntime_batch_equals_one_photo_at_a_time(sharp_detectors, real_phot
         assert_same_detections(det.detect([image], 0.0)[0], want, box_atol=1e-3, score_atol=1e-5)
 
 
-@needs_onnxruntime
-def test_second_load_uses_the_cached_export(sharp_detectors, monkeypatch):
+@pytest.mark.onnxruntime
+def test_second_load_uses_the_cached_export(sharp_detectors, monkeypatch, forbid_onnx_export):
     import embed.runtime
 
     _, cache = sharp_detectors
     (path,) = cache.glob("detector-*.onnx")
     mtime = path.stat().st_mtime_ns
 
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported again although the cache holds this model")
-
     monkeypatch.setenv("IMGSEARCH_ONNX_CACHE", str(cache))
-    monkeypatch.setattr(embed.runtime, "_export_onnx", no_export)
+    forbid_onnx_export()
     det = _sharpened()
     assert det.use_runtime("onnxruntime") == "onnxruntime"
     assert det._runner.model.source == "cache" and det._runner.model.path == path
@@ -206,7 +195,7 @@ def test_onnxruntime_failure_falls_back_to_eager_with_a_reason(monkeypatch, capl
         det.use_runtime("tensorrt")
 
 
-@needs_onnxruntime
+@pytest.mark.onnxruntime
 def test_training_or_new_weights_leave_the_onnx_snapshot(sharp_detectors):
     import copy
 

@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from skimage import data
 from torch import nn
 
 import embed.runtime as runtime
@@ -16,19 +14,14 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def photos():
-    return [Image.fromarray(getattr(data, n)()) for n in ("astronaut", "coffee", "chelsea", "rocket")]
+def eager_vectors(real_photos):
+    return load_embedder(None, device="cpu", runtime="eager").embed(real_photos)
 
 
-@pytest.fixture(scope="module")
-def eager_vectors(photos):
-    return load_embedder(None, device="cpu", runtime="eager").embed(photos)
-
-
-def test_torchscript_runtime_is_float32_exact(photos, eager_vectors):
+def test_torchscript_runtime_is_float32_exact(real_photos, eager_vectors):
     embedder = load_embedder(None, device="cpu", runtime="torchscript")
     assert embedder.runtime == "torchscript"
-    np.testing.assert_allclose(embedder.embed(photos), eager_vectors, atol=1e-4)
+    np.testing.assert_allclose(embedder.embed(real_photos), eager_vectors, atol=1e-4)
 
 
 def test_auto_picks_onnxruntime_when_installed_else_torchscript():
@@ -46,16 +39,16 @@ def test_missing_onnxruntime_falls_back_to_torchscript(monkeypatch):
     assert load_embedder(None, device="cpu", runtime="onnxruntime").runtime == "torchscript"
 
 
-@pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime/onnx not installed")
-def test_onnxruntime_matches_eager(photos, eager_vectors):
+@pytest.mark.onnxruntime
+def test_onnxruntime_matches_eager(real_photos, eager_vectors):
     embedder = load_embedder(None, device="cpu", runtime="onnxruntime")
     assert embedder.runtime == "onnxruntime"
-    np.testing.assert_allclose(embedder.embed(photos), eager_vectors, atol=1e-4)
+    np.testing.assert_allclose(embedder.embed(real_photos), eager_vectors, atol=1e-4)
 
 
-def test_int8_stays_close_to_fp32(photos, eager_vectors):
-    embedder = load_embedder(None, device="cpu", runtime="int8", calibration=photos)
-    cosine = (embedder.embed(photos) * eager_vectors).sum(axis=1)
+def test_int8_stays_close_to_fp32(real_photos, eager_vectors):
+    embedder = load_embedder(None, device="cpu", runtime="int8", calibration=real_photos)
+    cosine = (embedder.embed(real_photos) * eager_vectors).sum(axis=1)
     assert embedder.runtime == "int8" and (cosine > 0.9).all(), cosine
 
 
@@ -67,9 +60,6 @@ def test_int8_without_calibration_and_unknown_runtimes_are_errors():
 
 
 # --- the ONNX export cache (embed.runtime.OnnxModel), shared by the embedder and the detector ---
-
-needs_onnxruntime = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime/onnx not installed")
-
 
 def tiny_net(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng():
@@ -87,21 +77,14 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "onnx"
 
 
-def forbid_export(monkeypatch):
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported although a valid cache file exists")
-
-    monkeypatch.setattr(runtime, "_export_onnx", no_export)
-
-
-@needs_onnxruntime
-def test_export_is_cached_atomically_and_reused_without_exporting(cache, monkeypatch):
+@pytest.mark.onnxruntime
+def test_export_is_cached_atomically_and_reused_without_exporting(cache, forbid_onnx_export):
     net = tiny_net()
     first = tiny_model(net)
     assert first.source == "export" and first.path.parent == cache and first.path.is_file()
     assert [p.name for p in cache.iterdir()] == [first.path.name]  # no temp file left behind
     mtime = first.path.stat().st_mtime_ns
-    forbid_export(monkeypatch)
+    forbid_onnx_export()
     second = tiny_model(net)
     assert second.source == "cache" and second.path == first.path and first.path.stat().st_mtime_ns == mtime
     x = np.random.default_rng(0).standard_normal((3, 3, 16, 16)).astype(np.float32)
@@ -110,7 +93,7 @@ def test_export_is_cached_atomically_and_reused_without_exporting(cache, monkeyp
     np.testing.assert_allclose(second(x)[0], want, atol=1e-5)
 
 
-@needs_onnxruntime
+@pytest.mark.onnxruntime
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other weights"])
 def test_a_damaged_or_stale_cache_file_is_detected_and_replaced(cache, damage, caplog):
     net = tiny_net()
@@ -128,7 +111,7 @@ def test_a_damaged_or_stale_cache_file_is_detected_and_replaced(cache, damage, c
     assert path.read_bytes() != b"" and tiny_model(net).source == "cache"  # the replacement is valid
 
 
-@needs_onnxruntime
+@pytest.mark.onnxruntime
 def test_cache_off_or_unwritable_still_gives_a_working_session(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(runtime.ONNX_CACHE_ENV, "off")
     model = tiny_model(tiny_net())
@@ -152,22 +135,22 @@ def test_cache_key_follows_weights_config_and_shape():
     assert key != runtime.onnx_cache_key("other", net, (2, 3, 16, 16), {"size": 16})
 
 
-@needs_onnxruntime
-def test_embedder_second_load_reads_the_cache(cache, monkeypatch, photos, eager_vectors):
+@pytest.mark.onnxruntime
+def test_embedder_second_load_reads_the_cache(cache, forbid_onnx_export, real_photos, eager_vectors):
     first = load_embedder(None, device="cpu", runtime="onnxruntime")
     assert first.runner.model.source == "export"
-    forbid_export(monkeypatch)
+    forbid_onnx_export()
     second = load_embedder(None, device="cpu", runtime="onnxruntime")
     assert second.runtime == "onnxruntime" and second.runner.model.source == "cache"
-    np.testing.assert_allclose(second.embed(photos), eager_vectors, atol=1e-4)
+    np.testing.assert_allclose(second.embed(real_photos), eager_vectors, atol=1e-4)
 
 
-def test_preprocessor_normalises_in_numpy_bit_exact_with_torch_ops_into_channels_last(photos):
+def test_preprocessor_normalises_in_numpy_bit_exact_with_torch_ops_into_channels_last(real_photos):
     from embed.preprocess import Preprocessor
 
     preprocess = Preprocessor(224)
-    got = preprocess(photos)
-    x = torch.from_numpy(preprocess.to_uint8(photos)).permute(0, 3, 1, 2).float().div_(255.0)
+    got = preprocess(real_photos)
+    x = torch.from_numpy(preprocess.to_uint8(real_photos)).permute(0, 3, 1, 2).float().div_(255.0)
     want = x.sub_(torch.tensor(preprocess.mean).view(1, 3, 1, 1)).div_(torch.tensor(preprocess.std).view(1, 3, 1, 1))
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
