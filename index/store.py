@@ -27,13 +27,13 @@ import logging
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
 import lmdb
 import numpy as np
 
+from imgsearch.clock import utc_now
 from imgsearch.errors import BadInput, ImgsearchError
 from index.pidlock import AlreadyRunning, JobLock
 
@@ -111,10 +111,6 @@ def _id_of(key: bytes) -> int:
 def _product_prefix(product_id: str) -> bytes:
     # Fixed-width prefix: LMDB keys are capped at 511 bytes, product ids are not.
     return hashlib.blake2b(product_id.encode("utf-8"), digest_size=16).digest()
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # ---------------------------------------------------------------- records
@@ -268,7 +264,7 @@ class CatalogStore:
     def _init_meta(self, dim: int | None, vector_dtype: str | None) -> None:
         meta = self._meta
         if not meta:
-            meta = {"format": FORMAT_VERSION, "dim": dim, "vector_dtype": vector_dtype or DEFAULT_VECTOR_DTYPE, "created_at": _utc_now()}
+            meta = {"format": FORMAT_VERSION, "dim": dim, "vector_dtype": vector_dtype or DEFAULT_VECTOR_DTYPE, "created_at": utc_now()}
             self._write(lambda txn: txn.put(_STORE_KEY, json.dumps(meta).encode(), db=self._dbs[b"meta"]))
             self._meta = meta
             return
@@ -420,7 +416,7 @@ class CatalogStore:
         encoded = None if vectors is None else self._encode_vectors(vectors, len(records))
         if encoded is not None and self.dim is None:
             self._set_dim_meta(encoded.shape[1])
-        now = _utc_now()
+        now = utc_now()
         return self._write(lambda txn: [self._put_in_txn(txn, rec, None if encoded is None else encoded[i], now)
                                         for i, rec in enumerate(records)])
 
@@ -463,7 +459,7 @@ class CatalogStore:
         """Tombstone items by id (record and vector stay). Returns how many were newly deleted;
         unknown and already-deleted ids are ignored."""
         ids = [int(i) for i in ids]
-        now = _utc_now()
+        now = utc_now()
         return self._write(lambda txn: sum(self._tombstone_in_txn(txn, i, now) for i in ids))
 
     def _tombstone_in_txn(self, txn, item_id_: int, now: str) -> bool:

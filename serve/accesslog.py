@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import UTC, datetime
+
+from imgsearch.clock import utc_now
 
 access_log = logging.getLogger("imgsearch.access")
 
@@ -37,7 +38,7 @@ def log_request(request, response, endpoint: str, seconds: float, index_version:
         body = response.get_json(silent=True) or {}
         error = (body.get("error") or {}).get("code")
     entry = {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": utc_now(),
         "remote": request.remote_addr,
         "method": request.method,
         "path": request.path,

@@ -75,8 +75,9 @@ def _delete_product(store, request: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from imgsearch.clock import utc_now
     from index.store import CatalogStore, StoreLocked
-    from serve.updates import UpdateLog, utc_now
+    from serve.updates import UpdateLog
 
     store_path = argv[0]
     request = json.loads(sys.stdin.buffer.read())

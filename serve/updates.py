@@ -51,8 +51,9 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+
+from imgsearch.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +90,6 @@ class LogRead:
 
 def _signature(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def utc_now() -> str:
-    """The log's ``at`` timestamp: UTC, milliseconds, ``Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_header(first_line: bytes) -> dict | None:
