@@ -507,6 +507,13 @@ class CatalogStore:
                         records.append(record)
             return records
 
+    def product_vectors(self, product_id: str) -> tuple[list[int], np.ndarray]:
+        """The product's live items that have a stored vector: their ids, and those vectors as float32 (n, dim)."""
+        records = self.items_of_product(product_id)
+        with self._begin_read() as txn:
+            found = [(r.id, raw) for r in records if (raw := self._get_vector_in_txn(txn, r.id)) is not None]
+        return [i for i, _ in found], self._decode_vectors([raw for _, raw in found])
+
     def vectors_for(self, ids: Iterable[int]) -> np.ndarray:
         """Stored vectors of ``ids`` as float32 (n, dim), deleted items included.
 

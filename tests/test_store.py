@@ -151,6 +151,17 @@ def test_items_of_product(store):
     assert store.items_of_product("p9") == []
 
 
+def test_product_vectors_are_the_live_items_with_a_stored_vector(store):
+    stored = store.put(make_records(6), make_vectors(6))  # products p0, p0, p1, p1, p2, p2
+    without_vector = store.put([ItemRecord(product_id="p1", image="img/extra.png", path="/data/img/extra.png")])[0]
+    store.mark_deleted([stored[3].id])
+    ids, vectors = store.product_vectors("p1")
+    assert ids == [stored[2].id] and without_vector.id not in ids
+    np.testing.assert_array_equal(vectors, make_vectors(6)[2:3])
+    ids, vectors = store.product_vectors("p9")
+    assert ids == [] and vectors.shape == (0, DIM) and vectors.dtype == np.float32
+
+
 # ---------------------------------------------------------------- deletes and streaming
 
 

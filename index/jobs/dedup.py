@@ -330,9 +330,7 @@ def product_pair_scores(store, pairs: Iterable[LabelledPair]) -> np.ndarray:
 
     def vectors(pid: str) -> np.ndarray:
         if pid not in cache:
-            ids = [r.id for r in store.items_of_product(pid)]
-            present = [i for i, ok in zip(ids, store.has_vectors(ids)) if ok]
-            cache[pid] = store.vectors_for(present) if present else np.empty((0, store.dim or 0), np.float32)
+            cache[pid] = store.product_vectors(pid)[1]
         return cache[pid]
 
     out = []

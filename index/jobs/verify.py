@@ -579,9 +579,7 @@ class ProductVerifier:
     def _items(self, product_id: str) -> tuple[list[int], np.ndarray]:
         hit = self.products.get(product_id)
         if hit is None:
-            ids = [r.id for r in self.store.items_of_product(product_id)]
-            ids = [i for i, ok in zip(ids, self.store.has_vectors(ids)) if ok]
-            hit = (ids, self.store.vectors_for(ids) if ids else np.empty((0, self.store.dim or 0), np.float32))
+            hit = self.store.product_vectors(product_id)
             self.products[product_id] = hit
             if len(self.products) > self.cfg.cache_images:
                 self.products.popitem(last=False)
