@@ -313,16 +313,10 @@ FMNIST_QUERIES = 2000  # the same seeded pick of test images as train.evaluate.f
 FMNIST_CHUNK = 2048  # images per resumable part file
 
 
-def fmnist_pils(images: np.ndarray) -> list:
-    """Fashion-MNIST uint8 28x28 -> RGB PIL, inverted exactly as train.evaluate.fashion_mnist_p_at_1 does
-    (white-on-black becomes a product on a light studio background)."""
-    from PIL import Image
-
-    return [Image.fromarray(255 - im).convert("RGB") for im in images]
-
-
 def _embed_resumable(pipe, images: np.ndarray, parts: Path, label: str) -> np.ndarray:
     """embed_catalog over ``images`` in FMNIST_CHUNK parts saved as they finish, so an interrupted run resumes."""
+    from train.evaluate import fashion_mnist_pils
+
     parts.mkdir(parents=True, exist_ok=True)
     n, t0, done_now = len(images), time.monotonic(), 0
     out = []
@@ -331,7 +325,7 @@ def _embed_resumable(pipe, images: np.ndarray, parts: Path, label: str) -> np.nd
         if part.exists():
             out.append(np.load(part))
             continue
-        vecs = pipe.embed_catalog(fmnist_pils(images[a:a + FMNIST_CHUNK]))
+        vecs = pipe.embed_catalog(fashion_mnist_pils(images[a:a + FMNIST_CHUNK]))
         np.save(parts / f"{a:07d}.tmp.npy", vecs)
         os.replace(parts / f"{a:07d}.tmp.npy", part)
         out.append(vecs)
@@ -352,13 +346,14 @@ def make_embed_fmnist(folder: Path) -> Dataset:
 
     from embed.pipeline import load_pipeline
     from imgsearch import assets
+    from train.evaluate import fashion_mnist_pick
     from train.sample_data import load_fashion_mnist
 
     torch.set_num_threads(2)
     t0 = time.monotonic()
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
-    pick = np.sort(np.random.default_rng(SEED).choice(len(test_x), size=FMNIST_QUERIES, replace=False))
+    pick = fashion_mnist_pick(len(test_x), FMNIST_QUERIES, SEED)
     q_x, q_y = test_x[pick], test_y[pick]
     pipe = load_pipeline(None, device="cpu")
     parts = folder / f"parts-{pipe.model_hash[:12]}"

@@ -56,3 +56,26 @@ def test_knn_precision_at_1_leaves_each_item_out():
     vectors = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.8, 0.2]])
     labels = [0, 0, 1, 1, 1]  # the last one's nearest other item is label 0
     assert knn_precision_at_1(vectors, labels) == pytest.approx(4 / 5)
+
+
+def test_fashion_mnist_p_at_1_scores_an_embedder_against_raw_pixels_on_real_images():
+    from imgsearch import assets
+    from imgsearch.errors import MissingAsset
+    from train.evaluate import fashion_mnist_p_at_1, fashion_mnist_pick
+
+    try:
+        assets.fashion_mnist_dir()
+    except MissingAsset as exc:
+        pytest.skip(f"asset missing, run make data: {exc}")
+    seen = []
+
+    def inverted_pixels(pils):  # an "embedder" that undoes the inversion: it must score as the raw pixels do
+        seen.extend(pils)
+        return np.stack([255.0 - np.asarray(p.convert("L"), np.float32).ravel() for p in pils])
+
+    result = fashion_mnist_p_at_1(inverted_pixels, n=300, seed=1)
+    assert result["n"] == 300 and len(seen) == 300 and seen[0].mode == "RGB" and seen[0].size == (28, 28)
+    assert result["embedding"] == pytest.approx(result["raw_pixels"]) and 0.5 < result["raw_pixels"] < 1.0  # chance: 0.1
+    pick = fashion_mnist_pick(10_000, 300, seed=1)
+    assert len(np.unique(pick)) == 300 and (np.diff(pick) > 0).all()
+    assert np.array_equal(pick, fashion_mnist_pick(10_000, 300, seed=1))

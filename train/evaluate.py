@@ -119,19 +119,27 @@ def knn_precision_at_1(vectors: np.ndarray, labels: Sequence[int]) -> float:
     return float(np.mean(labels[np.argmax(similarity, axis=1)] == labels))
 
 
-def fashion_mnist_p_at_1(embed_images: Callable[[list], np.ndarray], n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Category P@1 on ``n`` Fashion-MNIST test images (seeded pick): the embedder's vs raw pixels'."""
+def fashion_mnist_pick(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """The seeded, sorted pick of ``n`` of ``total`` Fashion-MNIST images every category measurement uses."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+
+
+def fashion_mnist_pils(images: np.ndarray) -> list:
+    """Fashion-MNIST uint8 28 x 28 -> RGB PIL images, inverted: white-on-black becomes a product on a light studio background."""
     from PIL import Image
 
+    return [Image.fromarray(255 - im).convert("RGB") for im in images]
+
+
+def fashion_mnist_p_at_1(embed_images: Callable[[list], np.ndarray], n: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Category P@1 on ``n`` Fashion-MNIST test images (seeded pick): the embedder's vs raw pixels'."""
     from train.sample_data import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
-    pick = np.sort(np.random.default_rng(seed).choice(len(images), size=min(n, len(images)), replace=False))
+    pick = fashion_mnist_pick(len(images), n, seed)
     images, labels = images[pick], labels[pick]
-    # Fashion-MNIST is white-on-black; inverted it looks like a product on a light studio background.
-    pils = [Image.fromarray(255 - im).convert("RGB") for im in images]
     return {
-        "embedding": knn_precision_at_1(embed_images(pils), labels),
+        "embedding": knn_precision_at_1(embed_images(fashion_mnist_pils(images)), labels),
         "raw_pixels": knn_precision_at_1(images.reshape(len(images), -1).astype(np.float32), labels),
         "n": int(len(images)),
     }
