@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from index.jobs import dedup
+from index.jobs.calibration import precision_cut
 from index.jobs.unionfind import UnionFind
 
 DIM = 32
@@ -39,6 +42,24 @@ def test_choose_threshold_reaches_target_precision():
     assert got["threshold"] == pytest.approx(0.875) and got["recall"] == pytest.approx(5 / 6, abs=1e-4)
     with pytest.raises(Exception, match="both"):
         dedup.choose_threshold(scores, np.ones(8, bool), 0.9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=30), st.sampled_from([0.5, 0.8, 0.95, 1.0]))
+def test_precision_cut_is_the_longest_prefix_reaching_the_target_between_distinct_values(items, target):
+    values = np.array(sorted((v for v, _ in items), reverse=True), dtype=np.float64)  # most alike first
+    labels = np.array([y for _, y in sorted(items, key=lambda item: -item[0])], dtype=bool)
+    found = precision_cut(values, labels, target)
+    if not items:
+        assert found is None
+        return
+    cut, reached = found
+    allowed = [i for i in range(len(values)) if i + 1 == len(values) or values[i + 1] != values[i]]  # no tie split
+    assert cut in allowed
+    precision = lambda i: labels[: i + 1].mean()  # noqa: E731
+    valid = [i for i in allowed if labels[i] and precision(i) >= target]
+    assert reached == bool(valid)
+    assert cut == (max(valid) if valid else max(allowed, key=lambda i: (precision(i), -i)))
 
 
 def _unit(x):

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from imgsearch.errors import BadInput
+from index.jobs.calibration import precision_cut
 from index.jobs.unionfind import UnionFind
 
 log = logging.getLogger(__name__)
@@ -354,20 +355,12 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_precision: f
         raise BadInput(f"calibration needs both duplicate and non-duplicate pairs; got {n_pos} of {len(labels)}")
     order = np.argsort(-scores, kind="stable")
     s, y = scores[order], labels[order]
-    tp = np.cumsum(y)
-    precision = tp / np.arange(1, len(y) + 1)
-    # Only cut between distinct scores: all pairs with equal scores fall on the same side.
-    last_of_run = np.r_[s[1:] != s[:-1], True]
-    good = np.flatnonzero(last_of_run & (precision >= target_precision) & y)
-    if good.size:
-        cut = int(good[-1])
+    cut, reached = precision_cut(s, y, target_precision)
+    if reached:
         nxt = s[cut + 1] if cut + 1 < len(s) else s[cut] - 1e-3
         threshold = float((s[cut] + nxt) / 2.0)
-        reached = True
     else:  # unreachable: the highest-precision prefix
-        cut = int(np.argmax(np.where(last_of_run, precision, -1)))
         threshold = float(s[cut])
-        reached = False
     accepted = scores >= threshold
     tp_at = int((accepted & labels).sum())
     return {"threshold": round(threshold, SCORE_DECIMALS),

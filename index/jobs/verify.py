@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from imgsearch.errors import BadInput
+from index.jobs.calibration import precision_cut
 
 log = logging.getLogger(__name__)
 
@@ -659,19 +660,16 @@ def choose_verify_thresholds(similarity: np.ndarray, disagreement: np.ndarray, l
     d, y = dis[cand], labels[cand]
     order = np.argsort(d, kind="stable")
     d, y = d[order], y[order]
-    tp = np.cumsum(y)
-    precision = tp / np.arange(1, len(y) + 1) if len(y) else np.empty(0)
-    last_of_run = np.r_[d[1:] != d[:-1], True] if len(d) else np.empty(0, bool)
-    good = np.flatnonzero(last_of_run & (precision >= target_precision) & y) if len(y) else np.empty(0, int)
-    if good.size:
-        cut = int(good[-1])
-        nxt = d[cut + 1] if cut + 1 < len(d) else d[cut] + 0.01
-        threshold, reached = float((d[cut] + nxt) / 2.0), True
-    elif len(y):
-        cut = int(np.argmax(np.where(last_of_run, precision, -1)))
-        threshold, reached = float(d[cut]), False
-    else:
+    found = precision_cut(d, y, target_precision)
+    if found is None:  # no candidate was compared
         threshold, reached = DEFAULT_MAX_DISAGREEMENT, False
+    else:
+        cut, reached = found
+        if reached:
+            nxt = d[cut + 1] if cut + 1 < len(d) else d[cut] + 0.01
+            threshold = float((d[cut] + nxt) / 2.0)
+        else:  # unreachable: the highest-precision prefix
+            threshold = float(d[cut])
     accepted = cand & (dis <= threshold)
     tp_at = int((accepted & labels).sum())
     return {"threshold": round(candidate, 6), "verify_threshold": round(threshold, 6),
