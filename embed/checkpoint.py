@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from embed.model import BadCheckpoint
+from imgsearch.atomic import atomic_file
 from imgsearch.errors import MissingAsset
 
 CHECKPOINT_FORMAT = "imgsearch.checkpoint"
@@ -70,7 +70,7 @@ class Checkpoint:
         return unprefixed(prefix, self.state_dict)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temp file in the same folder, then ``os.replace``."""
+        """Write atomically (:func:`imgsearch.atomic.atomic_file`): readers see the old file or the new one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -81,14 +81,8 @@ class Checkpoint:
             "weights_sha256": self.weights_sha256,
             "extra": self.extra,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as f:
+            torch.save(payload, f)
         return path
 
     @classmethod

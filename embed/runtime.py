@@ -44,7 +44,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from torch import nn
 from embed.checkpoint import state_dict_sha256
 from embed.model import EmbeddingNet
 from imgsearch import assets
+from imgsearch.atomic import write_bytes_atomic
 from imgsearch.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -206,21 +206,6 @@ def _check_probe(session, probe: np.ndarray, expected: list[np.ndarray], output_
             raise ValueError(f"output {name!r} differs from the eager module's (shape {have.shape} vs {want.shape}, max |d| {worst:.3g})")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other workers may run as other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class OnnxModel:
     """An ONNX Runtime session for ``module`` (one ImageNet-normalised ``images`` input), from the disk cache if valid.
 
@@ -257,7 +242,8 @@ class OnnxModel:
             self.source = "export"
             if self.path is not None:
                 try:
-                    _write_atomic(self.path, data)
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomic(self.path, data)
                     log.info("%s: ONNX graph exported and cached at %s", kind, self.path)
                 except OSError as exc:
                     log.warning("%s: cannot cache the ONNX export at %s (%s); the next start exports again", kind, self.path, exc)

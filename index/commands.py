@@ -63,7 +63,7 @@ def _load_queries(path: str) -> np.ndarray:
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    from index.versions import write_bytes_atomic
+    from imgsearch.atomic import write_bytes_atomic
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import time
 
+from imgsearch.atomic import fsync_dir, write_bytes_atomic
 from imgsearch.errors import BadInput, JobFailed
 
 CURRENT = "CURRENT"
@@ -45,35 +46,6 @@ def check_name(name: str) -> str:
     if not _NAME.fullmatch(name or "") or name.startswith(STAGING_PREFIX):
         raise BadInput(f"bad index version name {name!r}")
     return name
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Temp file in the same folder + fsync + os.replace: readers see the old or the new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    fsync_dir(folder)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -260,7 +260,7 @@ class UpdateLog:
             finally:
                 os.close(fd)
             if created:
-                from index.versions import fsync_dir
+                from imgsearch.atomic import fsync_dir
 
                 fsync_dir(str(self.path.parent))
 
@@ -334,7 +334,7 @@ class UpdateLog:
                           "compacted_bytes": len(body), "at": utc_now(), "pid": os.getpid()}
             head = (json.dumps(new_header, separators=(",", ":")) + "\n").encode()
             assert head.startswith(HEADER_PREFIX)
-            from index.versions import write_bytes_atomic
+            from imgsearch.atomic import write_bytes_atomic
 
             write_bytes_atomic(str(self.path), head + body)  # temp + fsync + os.replace + fsync dir
         result = {"epoch": old_epoch + 1, "bytes_before": len(data), "bytes_after": len(head) + len(body),

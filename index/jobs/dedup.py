@@ -209,7 +209,7 @@ def pairs_of_groups(groups: list[dict]) -> list[tuple[str, str, float]]:
 
 def write_groups(groups: list[dict], output: str) -> None:
     """One JSON object per line, written atomically (temp file + os.replace)."""
-    from index.versions import write_bytes_atomic
+    from imgsearch.atomic import write_bytes_atomic
 
     data = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in groups).encode("utf-8")
     write_bytes_atomic(output, data)
