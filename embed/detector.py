@@ -99,6 +99,10 @@ class DetectorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def network_dict(self) -> dict:
+        """The fields that shape the network (the ONNX cache key): not the thresholds applied after it."""
+        return {"arch": self.arch, "image_size": self.image_size, "num_classes": self.num_classes}
+
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
         known = {f.name for f in fields(cls)}
@@ -268,7 +272,7 @@ class _OnnxNet:
     def __init__(self, detector: ProductDetector, threads: int | None = None):
         size = detector.config.image_size
         self.model = OnnxModel("detector", SSDNet(detector.model), torch.zeros(2, 3, size, size),
-                               ["cls_logits", "bbox_regression"], detector.config.to_dict(), threads)
+                               ["cls_logits", "bbox_regression"], detector.config.network_dict(), threads)
 
     def __call__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         logits, regression = self.model(batch)

@@ -1,5 +1,6 @@
 """Detector: valid boxes and scores, prior init, training contract; fast paths (eager, ONNX Runtime) vs torchvision's forward."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -177,9 +178,14 @@ def test_second_load_uses_the_cached_export(sharp_detectors, monkeypatch, forbid
     other = _sharpened(seed=1)  # other weights: another file
 
     def key(d):
-        return embed.runtime.onnx_cache_key("detector", detector_module.SSDNet(d.model), (2, 3, 320, 320), d.config.to_dict())
+        return embed.runtime.onnx_cache_key("detector", detector_module.SSDNet(d.model), (2, 3, 320, 320), d.config.network_dict())
 
     assert path.name == f"detector-{key(det)}.onnx" and key(other) != key(det)
+    # Thresholds act after the network: changing them reuses the same export.
+    retuned = _sharpened()
+    retuned.config = dataclasses.replace(retuned.config, score_threshold=0.5, nms_iou=0.4, max_detections=2)
+    assert key(retuned) == key(det)
+    assert retuned.use_runtime("onnxruntime") == "onnxruntime" and retuned._runner.model.path == path
 
 
 def test_onnxruntime_failure_falls_back_to_eager_with_a_reason(monkeypatch, caplog):
