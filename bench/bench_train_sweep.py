@@ -37,7 +37,7 @@ Run specs (``--runs``, comma-separated and/or repeated), all integers but LOSS:
                (a PK batch's K shrinks to VIEWS + 1 when that is fewer: EmbedderStage.sampler)
                KEY in: seed, products_per_batch, views_per_batch, embed_lr, embed_trunk_lr, weight_decay
     detector:  FROM:SCENES:EPOCHS:PASSES[:KEY=VALUE...]
-               FROM = detector_trainable_from (14..19), SCENES = scenes (<= --scenes),
+               FROM = detector_trainable_from (1..19; below 14 the stride-16 map learns too), SCENES = scenes (<= --scenes),
                PASSES = detector_passes
                KEY in: seed, scene_batch, detector_lr, weight_decay
 

@@ -67,9 +67,9 @@ def test_resume_continues_exactly(catalog, two_epochs, tmp_path):
         torch.testing.assert_close(same[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("trainable_from", [14, 17])
-def test_detector_scene_cache_keeps_the_map_above_the_frozen_blocks_once(catalog, trainable_from):
-    """From block 14 up everything learns, so the map the learning blocks read is the stride-16 map itself."""
+@pytest.mark.parametrize("trainable_from", [11, 14, 17])
+def test_detector_scene_cache_holds_the_map_where_learning_starts(catalog, trainable_from):
+    """Below 14 the cache is the map block FROM reads; from 14 up the stride-16 map, plus the frozen blocks' output above it."""
     from dataclasses import replace
 
     from embed.detector import DetectorConfig, ProductDetector
@@ -78,17 +78,28 @@ def test_detector_scene_cache_keeps_the_map_above_the_frozen_blocks_once(catalog
 
     config = replace(TrainConfig(scenes=4, detector_passes=1, detector_image_size=128, max_products=4),
                      detector_trainable_from=trainable_from)
-    stage = DetectorStage(ProductDetector.pretrained(DetectorConfig(image_size=128)), config)
+    detector = ProductDetector.pretrained(DetectorConfig(image_size=128))
+    stage = DetectorStage(detector, config)
     cache = stage.cache(TrainingData.from_catalog(catalog, config).scenes(), progress=False, batch=2)
-    assert len(cache) == 4 and cache.map16.shape[:2] == (4, 96)
-    if trainable_from == 14:
-        assert cache.mid is cache.map16
+    channels = {11: 64, 14: 96, 17: 96}[trainable_from]  # block 10's output; the stride-16 map
+    assert len(cache) == 4 and cache.inputs.shape[:2] == (4, channels)
+    if trainable_from == 17:
+        assert cache.frozen32.shape[:2] == (4, 160)  # the output of frozen blocks 14..16
     else:
-        assert cache.mid.shape[:2] == (4, 160)  # the output of frozen blocks 14..16
+        assert cache.frozen32 is None
     head = cache.first(3)
-    assert len(head) == 3 and torch.equal(head.map16, cache.map16[:3]) and torch.equal(head.mid, cache.mid[:3])
-    assert (head.mid is head.map16) == (trainable_from == 14)
+    assert len(head) == 3 and torch.equal(head.inputs, cache.inputs[:3]) and (head.frozen32 is None) == (cache.frozen32 is None)
+    learning = {name for name, p in detector.model.backbone.named_parameters() if p.requires_grad}
+
+    def block(i):  # trunk slices keep the trunk's own block numbers as module names
+        return f"to_stride16.{i}." if i < 14 else f"to_stride32.{i}."
+
+    assert any(name.startswith(block(trainable_from)) for name in learning)
+    assert not any(name.startswith(block(trainable_from - 1)) for name in learning)
+    before = {name: p.detach().clone() for name, p in detector.model.backbone.named_parameters()}
     assert np.isfinite(stage.train_epoch(cache, 0))
+    changed = {name for name, p in detector.model.backbone.named_parameters() if not torch.equal(before[name], p)}
+    assert changed and changed <= learning
 
 
 def test_embedder_batches_shrink_to_the_products_and_views_the_cache_holds():

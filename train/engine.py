@@ -64,7 +64,7 @@ class TrainConfig:
     scenes: int = 3600
     scene_batch: int = 16
     detector_passes: int = 1  # passes over the scene cache per epoch
-    detector_trainable_from: int = 14  # MobileNetV2 blocks [this:] of the detector's trunk learn (>= 14)
+    detector_trainable_from: int = 14  # MobileNetV2 blocks [this:] of the detector's trunk learn; below 14 the stride-16 map too
     detector_lr: float = 1e-3
     detector_image_size: int = 320
     heldout_fraction: float = 0.25  # used only when the catalog has no split.json
@@ -75,8 +75,8 @@ class TrainConfig:
             raise BadInput(f"unknown loss {self.loss!r}; expected one of {sorted(LOSSES)}")
         if not 1 <= self.embed_trainable_from <= MOBILENET_V2_BLOCKS:
             raise BadInput(f"embed_trainable_from must be in 1..{MOBILENET_V2_BLOCKS}, got {self.embed_trainable_from!r}")
-        if not MOBILENET_V2_STRIDE16_SPLIT <= self.detector_trainable_from <= MOBILENET_V2_BLOCKS:
-            raise BadInput(f"detector_trainable_from must be in {MOBILENET_V2_STRIDE16_SPLIT}..{MOBILENET_V2_BLOCKS}, got {self.detector_trainable_from!r}")
+        if not 1 <= self.detector_trainable_from <= MOBILENET_V2_BLOCKS:
+            raise BadInput(f"detector_trainable_from must be in 1..{MOBILENET_V2_BLOCKS}, got {self.detector_trainable_from!r}")
         for name in ("epochs", "shopper_views", "scene_batch", "detector_passes"):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -223,41 +223,46 @@ class ValidationCache:
 
 
 class _DetectorLowerTrunk(torch.nn.Module):
-    """The detector's frozen part: stride-16 map and the frozen blocks above it."""
+    """The detector's frozen part: the trunk up to the first learning block, and, when the learning
+    blocks start above the stride-16 map, the frozen blocks between them as a second output."""
 
-    def __init__(self, to_stride16: torch.nn.Module, frozen32: torch.nn.Module):
+    def __init__(self, stem: torch.nn.Module, frozen32: torch.nn.Module | None):
         super().__init__()
-        self.to_stride16, self.frozen32 = to_stride16, frozen32
+        self.stem, self.frozen32 = stem, frozen32
 
     def forward(self, x: torch.Tensor):
-        map16 = self.to_stride16(x)
-        return map16, self.frozen32(map16)
+        start = self.stem(x)
+        return start if self.frozen32 is None else (start, self.frozen32(start))
 
 
 class SceneCache:
-    """Cached maps of the scenes: ``map16`` feeds the first head, ``mid`` the learning blocks above it.
+    """Cached frozen-trunk maps of the scenes, and their targets.
 
-    When every block above the stride-16 map learns, ``mid`` *is* ``map16`` and
-    is not stored twice (``mid=None``).
+    ``inputs``: the trunk's output where the learning blocks begin (for ``detector_trainable_from``
+    >= 14, the stride-16 map the first head reads). ``frozen32``: only when frozen blocks sit above
+    the stride-16 map, their output, which the learning stride-32 blocks read.
     """
 
-    def __init__(self, map16: torch.Tensor, mid: torch.Tensor | None, targets: list[dict[str, torch.Tensor]]):
-        self.map16, self._mid, self.targets = map16, mid, targets
-
-    @property
-    def mid(self) -> torch.Tensor:
-        return self.map16 if self._mid is None else self._mid
+    def __init__(self, inputs: torch.Tensor, frozen32: torch.Tensor | None, targets: list[dict[str, torch.Tensor]]):
+        self.inputs, self.frozen32, self.targets = inputs, frozen32, targets
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def first(self, n: int) -> SceneCache:
         """The first ``n`` scenes, sharing this cache's tensors: a shorter run on the same rendered data."""
-        return SceneCache(self.map16[:n], None if self._mid is None else self._mid[:n], self.targets[:n])
+        return SceneCache(self.inputs[:n], None if self.frozen32 is None else self.frozen32[:n], self.targets[:n])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.inputs[index], None if self.frozen32 is None else self.frozen32[index]
 
 
 class DetectorStage:
-    """SSDlite training on cached scenes: the detector's upper trunk blocks, extra layers and heads learn."""
+    """SSDlite training on cached scenes: the detector's trunk blocks from ``detector_trainable_from`` up, extra layers and heads learn.
+
+    Blocks below 14 sit under the stride-16 map, so when they learn, the map the first head reads
+    learns too; the cache then holds the (smaller, 64-channel from block 7) map they start from.
+    """
 
     def __init__(self, detector: ProductDetector, config: TrainConfig):
         self.detector, self.config = detector, config
@@ -265,10 +270,13 @@ class DetectorStage:
         if not isinstance(self.ssd, torchvision.models.detection.ssd.SSD):
             raise BadInput(f"detector training supports the ssdlite arch, got {detector.config.arch!r}")
         features = self.ssd.backbone
-        split = config.detector_trainable_from - MOBILENET_V2_STRIDE16_SPLIT
-        self.lower = _DetectorLowerTrunk(features.to_stride16, features.to_stride32[:split])
-        self.frozen_above_stride16 = split > 0
-        self.upper32 = features.to_stride32[split:]
+        start = config.detector_trainable_from
+        above16 = max(0, start - MOBILENET_V2_STRIDE16_SPLIT)  # frozen blocks above the stride-16 map
+        stem = features.to_stride16[:start] if start < MOBILENET_V2_STRIDE16_SPLIT else features.to_stride16
+        self.lower = _DetectorLowerTrunk(stem, features.to_stride32[:above16] if above16 else None)
+        # An empty Sequential passes its input through: from block 14 up, the cached map IS the stride-16 map.
+        self.upper16 = features.to_stride16[start:] if start < MOBILENET_V2_STRIDE16_SPLIT else torch.nn.Sequential()
+        self.upper32 = features.to_stride32[above16:]
         self.extra = features.extra
         freeze(self.lower)
         self.ssd.to(memory_format=torch.channels_last)
@@ -280,7 +288,7 @@ class DetectorStage:
 
     def cache(self, scenes, total: int | None = None, progress: bool | None = None, batch: int = 16) -> SceneCache:
         """(PIL scene, boxes) pairs -> frozen maps of the SSD-transformed (resized, normalised) scenes + targets."""
-        map16, mid, targets, pending = [], [], [], []
+        inputs, frozen32, targets, pending = [], [], [], []
         bar = tqdm(total=total, desc="cache scenes", unit="img", disable=None if progress is None else not progress)
         self.ssd.eval()
 
@@ -290,10 +298,12 @@ class DetectorStage:
                             "labels": torch.ones(len(boxes), dtype=torch.int64)} for _, boxes in pending]
             with torch.inference_mode():
                 image_list, resized = self.ssd.transform(images, raw_targets)  # what SSD.forward does first
-            a, b = self._prefix(image_list.tensors)
-            map16.append(a)
-            if self.frozen_above_stride16:
-                mid.append(b)
+            maps = self._prefix(image_list.tensors)
+            if isinstance(maps, tuple):
+                inputs.append(maps[0])
+                frozen32.append(maps[1])
+            else:
+                inputs.append(maps)
             targets.extend({"boxes": t["boxes"].clone(), "labels": t["labels"].clone()} for t in resized)
             bar.update(len(pending))
             pending.clear()
@@ -305,15 +315,16 @@ class DetectorStage:
         if pending:
             flush()
         bar.close()
-        return SceneCache(torch.cat(map16), torch.cat(mid) if mid else None, targets)
+        return SceneCache(torch.cat(inputs), torch.cat(frozen32) if frozen32 else None, targets)
 
     def train_mode(self) -> None:
         self.detector.train()
         self.lower.eval()
 
-    def losses(self, map16: torch.Tensor, mid: torch.Tensor, targets) -> dict[str, torch.Tensor]:
+    def losses(self, inputs: torch.Tensor, frozen32: torch.Tensor | None, targets) -> dict[str, torch.Tensor]:
         """SSD.forward's training branch from the cached maps on (see torchvision.models.detection.ssd)."""
-        maps = [_nhwc(map16), self.upper32(_nhwc(mid))]
+        map16 = self.upper16(_nhwc(inputs))
+        maps = [map16, self.upper32(map16 if frozen32 is None else _nhwc(frozen32))]
         for block in self.extra:
             maps.append(block(maps[-1]))
         head_outputs = self.ssd.head(maps)
@@ -336,7 +347,7 @@ class DetectorStage:
         batches = [order[start : start + step] for order in orders for start in range(0, len(order), step)]
         for idx in batches:
             index = torch.from_numpy(idx)
-            parts = self.losses(cache.map16[index], cache.mid[index], [cache.targets[i] for i in idx])
+            parts = self.losses(*cache.batch(index), [cache.targets[i] for i in idx])
             loss = sum(parts.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
