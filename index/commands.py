@@ -133,18 +133,10 @@ def _search_images(args) -> int:
 
 
 def _join(store, scores, ids, k: int) -> list[dict]:
-    out, seen = [], set()
-    for score, item in zip(scores.tolist(), ids.tolist()):
-        if item < 0 or len(out) >= k:
-            break
-        rec = store.get(item) if store is not None else None
-        if store is not None and (rec is None or rec.deleted):
-            continue
-        key = rec.product_id if rec is not None else item
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append({"product_id": str(key), "score": score,
-                    "category": getattr(rec, "category", None), "image": getattr(rec, "image", None),
-                    "metadata": getattr(rec, "metadata", {}) or {}})
-    return out
+    if store is not None:
+        from index.store import product_results
+
+        return product_results(store, scores, ids, k)
+    # No store to name products: each id stands for itself.
+    return [{"product_id": str(item), "score": round(float(score), 6), "category": None, "image": None, "metadata": {}}
+            for score, item in zip(scores.tolist(), ids.tolist()) if item >= 0][:k]

@@ -597,3 +597,26 @@ class CatalogStore:
             "model": self.model,
             "map_size": self.map_size,
         }
+
+
+def product_results(store: CatalogStore, scores: np.ndarray, ids: np.ndarray, k: int) -> list[dict]:
+    """Search hits (best first, -1 padded) -> up to ``k`` distinct live products, each at its best image's score.
+
+    Records are read in chunks, so a query whose first k hits are k products decodes k records,
+    not all of them; deleted items and ids the store no longer has are skipped.
+    """
+    valid = ids >= 0
+    ids, scores = ids[valid].tolist(), scores[valid].tolist()
+    best: dict[str, dict] = {}
+    start = 0
+    while start < len(ids) and len(best) < k:
+        chunk = max(8, (k - len(best)) + (k - len(best)) // 4)
+        for score, record in zip(scores[start:start + chunk], store.get_many(ids[start:start + chunk])):
+            if record is None or record.deleted or record.product_id in best:
+                continue
+            best[record.product_id] = {"product_id": record.product_id, "score": round(float(score), 6),
+                                       "category": record.category, "image": record.image, "metadata": record.metadata}
+            if len(best) == k:
+                break
+        start += chunk
+    return list(best.values())

@@ -418,29 +418,9 @@ class SearchService:
             scores, ids, partial = s[0], i[0], partial or more_partial
 
     def _join(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[dict]:
-        """Records of the candidates, best first, until k distinct products: read in chunks, so
-        a query whose first k candidates are k products decodes k records, not all of them."""
-        valid = ids >= 0
-        ids, scores = ids[valid].tolist(), scores[valid].tolist()
-        best: dict[str, dict] = {}
-        start = 0
-        while start < len(ids) and len(best) < k:
-            chunk = max(8, (k - len(best)) + (k - len(best)) // 4)
-            records = self.store().get_many(ids[start:start + chunk])
-            for score, record in zip(scores[start:start + chunk], records):
-                if record is None or record.deleted or record.product_id in best:
-                    continue
-                best[record.product_id] = {
-                    "product_id": record.product_id,
-                    "score": round(float(score), 6),
-                    "category": record.category,
-                    "image": record.image,
-                    "metadata": record.metadata,
-                }
-                if len(best) == k:
-                    break
-            start += chunk
-        return list(best.values())
+        from index.store import product_results
+
+        return product_results(self.store(), scores, ids, k)
 
     # ------------------------------------------------------------------ products
 

@@ -151,6 +151,20 @@ def test_items_of_product(store):
     assert store.items_of_product("p9") == []
 
 
+def test_product_results_keep_each_live_products_best_hit_up_to_k(store):
+    from index.store import product_results
+
+    stored = store.put(make_records(8), make_vectors(8))  # products p0..p3, two images each
+    store.mark_deleted([stored[4].id])  # p2's first image
+    ids = np.array([stored[1].id, stored[0].id, stored[4].id, 999_999, stored[5].id, stored[2].id, stored[6].id, -1, -1])
+    scores = np.linspace(0.9, 0.1, len(ids)).astype(np.float32)
+    got = product_results(store, scores, ids, k=3)
+    assert [r["product_id"] for r in got] == ["p0", "p2", "p1"]  # p0 at its best image; deleted and unknown ids skipped
+    assert got[0]["score"] == round(float(scores[0]), 6) and got[1]["score"] == round(float(scores[4]), 6)
+    assert got[0]["image"] == stored[1].image and got[0]["metadata"] == stored[1].metadata
+    assert [r["product_id"] for r in product_results(store, scores, ids, k=10)] == ["p0", "p2", "p1", "p3"]
+
+
 def test_product_vectors_are_the_live_items_with_a_stored_vector(store):
     stored = store.put(make_records(6), make_vectors(6))  # products p0, p0, p1, p1, p2, p2
     without_vector = store.put([ItemRecord(product_id="p1", image="img/extra.png", path="/data/img/extra.png")])[0]
