@@ -92,14 +92,17 @@ def _signature(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _parse_header(first_line: bytes) -> dict | None:
+def _read_header(first_line: bytes) -> tuple[dict | None, int]:
+    """(header or None, its length in bytes: where the entries start) from a log's first line."""
     if not first_line.startswith(HEADER_PREFIX) or not first_line.endswith(b"\n"):
-        return None
+        return None, 0
     try:
         header = json.loads(first_line)
     except ValueError:
-        return None
-    return header if isinstance(header, dict) and isinstance(header.get("epoch"), int) else None
+        return None, 0
+    if not (isinstance(header, dict) and isinstance(header.get("epoch"), int)):
+        return None, 0
+    return header, len(first_line)
 
 
 def _entries(data: bytes, base: int, where: str) -> list[tuple[int, dict]]:
@@ -199,8 +202,7 @@ class UpdateLog:
                 first = f.readline()
         except FileNotFoundError:
             return None, 0
-        header = _parse_header(first)
-        return header, (len(first) if header else 0)
+        return _read_header(first)
 
     def read(self, cursor: LogCursor) -> LogRead:
         """Complete entries the cursor has not applied, and where it stands after them.
@@ -217,8 +219,7 @@ class UpdateLog:
         with f:
             st = os.fstat(f.fileno())
             first = f.readline()
-            header = _parse_header(first)
-            head_len = len(first) if header else 0
+            header, head_len = _read_header(first)
             epoch = header["epoch"] if header else 0
             same_file = (cursor.epoch == epoch and cursor.stat is not None and cursor.stat[:2] == _signature(st)[:2]
                          and head_len <= cursor.offset <= st.st_size)
@@ -279,8 +280,7 @@ class UpdateLog:
                 data = self.path.read_bytes()
             except FileNotFoundError:
                 return None
-            header = _parse_header(data[:data.find(b"\n") + 1]) if data.startswith(HEADER_PREFIX) else None
-            head_len = data.find(b"\n") + 1 if header else 0
+            header, head_len = _read_header(data[:data.find(b"\n") + 1])
             old_epoch = header["epoch"] if header else 0
             complete = data.rfind(b"\n") + 1
             if complete < len(data):
