@@ -1,0 +1,122 @@
+"""Which region of a query photo to embed: held-out R@1 / R@10 of region policies, per checkpoint.
+
+``QueryPipeline`` embeds the best detector box (cropped with its margin) when one scores at least
+the threshold (0.3), else the whole photo. This measures that policy against alternatives on the
+same detections and vectors, so only the policy differs between columns:
+
+- ``default``: best box >= threshold, else the whole photo;
+- ``best box``: the best box at any score (down to ``AP_SCORE_THRESHOLD``), else the whole photo;
+- ``box + whole``: below the threshold, the normalised sum of the best box's and the whole
+  photo's vectors;
+- ``flip TTA``: the default's regions, each vector (query and catalog) the normalised sum of the
+  image's and its mirror image's;
+- ``true box``: the true box cropped the same way (the embedder alone; not a policy).
+
+It also lists the photos each checkpoint misses at R@10, so misses shared by every model stand
+out. Queries are the sample set's held-out shopper photos; the catalog is every catalog shot,
+embedded whole (``evaluate_pipeline``'s ``catalog_mode="whole"``).
+
+    .venv/bin/python bench/bench_region_policy.py A.ckpt [B.ckpt ...] [--sample DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from embed.image_io import load_rgb  # noqa: E402
+from embed.pipeline import crop_with_margin, load_pipeline  # noqa: E402
+from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, ranked_products  # noqa: E402
+from train.sample_data import build_sample_set  # noqa: E402
+
+POLICIES = ("default", "best box", "box + whole", "flip TTA", "true box")
+DETECT_BATCH = 16
+
+
+def normalised(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def mirrored(images: list[Image.Image]) -> list[Image.Image]:
+    return [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in images]
+
+
+def hits(queries: np.ndarray, catalog: np.ndarray, data: RetrievalSet) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: true product ranked first, and within the first 10 distinct products."""
+    ranked = ranked_products(queries @ catalog.T, data.catalog_products, depth=10)
+    top1 = np.array([r[0] == t for r, t in zip(ranked, data.query_products)])
+    top10 = np.array([t in r for r, t in zip(ranked, data.query_products)])
+    return top1, top10
+
+
+def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], catalog: list[Image.Image]) -> dict:
+    pipeline = load_pipeline(checkpoint, device="cpu")
+    if pipeline.detector is None:
+        raise SystemExit(f"{checkpoint} has no trained detector: there is no region to choose")
+    threshold = pipeline.detector.config.score_threshold
+    embed = pipeline.embedder.embed
+    found = [d for s in range(0, len(photos), DETECT_BATCH) for d in pipeline.detector.detect(photos[s:s + DETECT_BATCH], AP_SCORE_THRESHOLD)]
+    confident = np.array([len(d) > 0 and d.scores[0] >= threshold for d in found])
+    boxes = [crop_with_margin(im, d.boxes[0], pipeline.margin) if len(d) else im for im, d in zip(photos, found)]
+    true_boxes = [crop_with_margin(im, np.array(b), pipeline.margin) for im, b in zip(photos, data.query_boxes)]
+    whole, box, truth = embed(photos), embed(boxes), embed(true_boxes)
+    default = np.where(confident[:, None], box, whole)
+    default_mirror = np.where(confident[:, None], embed(mirrored(boxes)), embed(mirrored(photos)))
+    cat = embed(catalog)
+    cat_tta = normalised(cat + embed(mirrored(catalog)))
+    queries = {
+        "default": (default, cat),
+        "best box": (box, cat),
+        "box + whole": (np.where(confident[:, None], box, normalised(box + whole)), cat),
+        "flip TTA": (normalised(default + default_mirror), cat_tta),
+        "true box": (truth, cat),
+    }
+    result = {name: hits(q, c, data) for name, (q, c) in queries.items()}
+    return {"policies": result, "below_threshold": int((~confident).sum()), "threshold": threshold}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", help="trained checkpoints (with a detector)")
+    parser.add_argument("--sample", default=None, help="sample set folder (default: the benchmarks' full sample set)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.sample is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import datasets  # bench/datasets.py
+
+        sample = datasets.full_sample_set()
+    else:
+        sample = build_sample_set(args.sample, seed=0, progress=False)
+    data = RetrievalSet.from_sample_set(sample)
+    photos = [load_rgb(p) for p in data.query_images]
+    catalog = [load_rgb(p) for p in data.catalog_images]
+    print(f"{len(photos)} held-out photos of {len(set(data.query_products))} products; catalog {len(catalog)} shots\n")
+    print("| checkpoint | photos under the threshold | " + " | ".join(f"{p} R@1 / R@10" for p in POLICIES) + " |")
+    print("|---|---|" + "---|" * len(POLICIES))
+    misses = {}
+    for checkpoint in args.checkpoints:
+        m = measure(checkpoint, data, photos, catalog)
+        cells = [f"{t1.mean():.3f} / {t10.mean():.3f}" for t1, t10 in (m["policies"][p] for p in POLICIES)]
+        print(f"| {checkpoint} | {m['below_threshold']} (< {m['threshold']}) | " + " | ".join(cells) + " |", flush=True)
+        misses[checkpoint] = {i for i, ok in enumerate(m["policies"]["default"][1]) if not ok}
+    shared = set.intersection(*misses.values())
+    print(f"\nR@10 misses of the default policy: {', '.join(f'{c}: {len(s)}' for c, s in misses.items())}; "
+          f"missed by every checkpoint ({len(shared)}):")
+    for i in sorted(shared):
+        print(f"  {data.query_images[i]}  ({data.query_products[i]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
