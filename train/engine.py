@@ -265,7 +265,8 @@ class DetectorStage:
     """SSDlite training on cached scenes: the detector's trunk blocks from ``detector_trainable_from`` up, extra layers and heads learn.
 
     Blocks below 14 sit under the stride-16 map, so when they learn, the map the first head reads
-    learns too; the cache then holds the (smaller, 64-channel from block 7) map they start from.
+    learns too; the cache then holds the map the first learning block reads (from block 11: block
+    10's 64-channel stride-16 output, smaller than the 96-channel stride-16 map itself).
     """
 
     def __init__(self, detector: ProductDetector, config: TrainConfig):
@@ -276,10 +277,10 @@ class DetectorStage:
         features = self.ssd.backbone
         start = config.detector_trainable_from
         above16 = max(0, start - MOBILENET_V2_STRIDE16_SPLIT)  # frozen blocks above the stride-16 map
-        stem = features.to_stride16[:start] if start < MOBILENET_V2_STRIDE16_SPLIT else features.to_stride16
+        # From block 14 up, [start:] of the stride-16 part is an empty Sequential, which passes its
+        # input through: the cached map IS the stride-16 map.
+        stem, self.upper16 = features.to_stride16[:start], features.to_stride16[start:]
         self.lower = _DetectorLowerTrunk(stem, features.to_stride32[:above16] if above16 else None)
-        # An empty Sequential passes its input through: from block 14 up, the cached map IS the stride-16 map.
-        self.upper16 = features.to_stride16[start:] if start < MOBILENET_V2_STRIDE16_SPLIT else torch.nn.Sequential()
         self.upper32 = features.to_stride32[above16:]
         self.extra = features.extra
         freeze(self.lower)
