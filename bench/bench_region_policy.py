@@ -70,7 +70,8 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     true_boxes = [crop_with_margin(im, np.array(b), pipeline.margin) for im, b in zip(photos, data.query_boxes)]
     whole, box, truth = embed(photos), embed(boxes), embed(true_boxes)
     default = np.where(confident[:, None], box, whole)
-    default_mirror = np.where(confident[:, None], embed(mirrored(boxes)), embed(mirrored(photos)))
+    default_regions = [b if ok else p for b, p, ok in zip(boxes, photos, confident)]
+    default_mirror = embed(mirrored(default_regions))
     cat = embed(catalog)
     cat_tta = normalised(cat + embed(mirrored(catalog)))
     queries = {
