@@ -1,22 +1,28 @@
 """Which region of a query photo to embed: held-out R@1 / R@10 of region policies, per checkpoint.
 
-``QueryPipeline`` embeds the best detector box (cropped with its margin) when one scores at least
-the threshold (0.3), else the whole photo. This measures that policy against alternatives on the
-same detections and vectors, so only the policy differs between columns:
+``QueryPipeline`` embeds candidate regions of a query photo (the detector's best boxes down to
+``CANDIDATE_THRESHOLD`` and the whole photo) and answers with the one that matches the catalog
+best. This measures that policy against alternatives on the same detections and vectors, so only
+the policy differs between columns:
 
-- ``default``: best box >= threshold, else the whole photo;
+- ``best match``: the pipeline's policy, :meth:`embed.pipeline.QueryEmbedding.choose`: the
+  candidate whose nearest catalog shot is closest, plus ``MATCH_SCORE_WEIGHT`` x its detector score;
+- ``detector's choice``: the best box scoring at least the threshold (0.3), else the whole photo
+  (the pipeline's policy before best match, and still the catalog images' region);
 - ``best box``: the best box at any score (down to ``AP_SCORE_THRESHOLD``), else the whole photo;
 - ``box + whole``: below the threshold, the normalised sum of the best box's and the whole
   photo's vectors;
-- ``flip TTA``: the default's regions, each vector (query and catalog) the normalised sum of the
+- ``flip TTA``: the detector's choice, each vector (query and catalog) the normalised sum of the
   image's and its mirror image's;
 - ``true box``: the true box cropped the same way (the embedder alone; not a policy).
 
 It also lists the photos each checkpoint misses at R@10, so misses shared by every model stand
-out. Queries are the sample set's held-out shopper photos; the catalog is every catalog shot,
-embedded whole (``evaluate_pipeline``'s ``catalog_mode="whole"``).
+out. Queries are the sample set's held-out shopper photos, or with ``--dev N`` N new photos per
+held-out product (:func:`train.sample_data.dev_queries`), the set to choose settings on so that
+the eval queries stay unseen by the choice. The catalog is every catalog shot, embedded whole
+(``evaluate_pipeline``'s ``catalog_mode="whole"``).
 
-    .venv/bin/python bench/bench_region_policy.py A.ckpt [B.ckpt ...] [--sample DIR]
+    .venv/bin/python bench/bench_region_policy.py A.ckpt [B.ckpt ...] [--sample DIR] [--dev 6]
 """
 
 from __future__ import annotations
@@ -34,11 +40,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from embed.image_io import load_rgb  # noqa: E402
-from embed.pipeline import crop_with_margin, load_pipeline  # noqa: E402
-from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, ranked_products  # noqa: E402
+from embed.pipeline import QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
+from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, answering_vectors, box_iou, ranked_products  # noqa: E402
 from train.sample_data import build_sample_set  # noqa: E402
 
-POLICIES = ("default", "best box", "box + whole", "flip TTA", "true box")
+POLICIES = ("best match", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
 DETECT_BATCH = 16
 
 
@@ -62,7 +68,7 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     pipeline = load_pipeline(checkpoint, device="cpu")
     if pipeline.detector is None:
         raise SystemExit(f"{checkpoint} has no trained detector: there is no region to choose")
-    threshold = pipeline.detector.config.score_threshold
+    threshold = pipeline.keep_threshold
     embed = pipeline.embedder.embed
     found = [d for s in range(0, len(photos), DETECT_BATCH) for d in pipeline.detector.detect(photos[s:s + DETECT_BATCH], AP_SCORE_THRESHOLD)]
     confident = np.array([len(d) > 0 and d.scores[0] >= threshold for d in found])
@@ -74,21 +80,31 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     default_mirror = embed(mirrored(default_regions))
     cat = embed(catalog)
     cat_tta = normalised(cat + embed(mirrored(catalog)))
-    queries = {
-        "default": (default, cat),
+    # The pipeline's own candidates from the same detections, answered as the server answers.
+    regions = [pipeline.regions_of(im, d) for im, d in zip(photos, found)]
+    candidates = embed([crop for im, r in zip(photos, regions) for crop in pipeline.crops(im, r)])
+    ends = np.cumsum([len(r) for r in regions])
+    queries = [QueryEmbedding(im.size, r, candidates[e - len(r):e]) for im, r, e in zip(photos, regions, ends)]
+    policies = {
+        "best match": (answering_vectors(queries, cat), cat),
+        "detector's choice": (default, cat),
         "best box": (box, cat),
         "box + whole": (np.where(confident[:, None], box, normalised(box + whole)), cat),
         "flip TTA": (normalised(default + default_mirror), cat_tta),
         "true box": (truth, cat),
     }
-    result = {name: hits(q, c, data) for name, (q, c) in queries.items()}
-    return {"policies": result, "below_threshold": int((~confident).sum()), "threshold": threshold}
+    result = {name: hits(q, c, data) for name, (q, c) in policies.items()}
+    top_iou = np.array([box_iou(d.boxes[:1], np.array([b]))[0, 0] if len(d) else 0.0 for d, b in zip(found, data.query_boxes)])
+    return {"policies": result, "below_threshold": int((~confident).sum()), "threshold": threshold,
+            "top_box_hit": float(np.mean(top_iou >= 0.5))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", help="trained checkpoints (with a detector)")
     parser.add_argument("--sample", default=None, help="sample set folder (default: the benchmarks' full sample set)")
+    parser.add_argument("--dev", type=int, default=None, metavar="N",
+                        help="measure on N new photos per held-out product instead of the eval queries")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,23 +115,26 @@ def main() -> int:
         sample = datasets.full_sample_set()
     else:
         sample = build_sample_set(args.sample, seed=0, progress=False)
-    data = RetrievalSet.from_sample_set(sample)
+    data = RetrievalSet.from_sample_set(sample, dev_per_product=args.dev)
     photos = [load_rgb(p) for p in data.query_images]
     catalog = [load_rgb(p) for p in data.catalog_images]
-    print(f"{len(photos)} held-out photos of {len(set(data.query_products))} products; catalog {len(catalog)} shots\n")
-    print("| checkpoint | photos under the threshold | " + " | ".join(f"{p} R@1 / R@10" for p in POLICIES) + " |")
-    print("|---|---|" + "---|" * len(POLICIES))
+    kind = f"dev photos ({args.dev} per product)" if args.dev else "eval queries"
+    print(f"{len(photos)} {kind} of {len(set(data.query_products))} held-out products; catalog {len(catalog)} shots\n")
+    print("| checkpoint | top box IoU >= 0.5 | photos under the threshold | " + " | ".join(f"{p} R@1 / R@10" for p in POLICIES) + " |")
+    print("|---|---|---|" + "---|" * len(POLICIES))
     misses = {}
     for checkpoint in args.checkpoints:
         m = measure(checkpoint, data, photos, catalog)
         cells = [f"{t1.mean():.3f} / {t10.mean():.3f}" for t1, t10 in (m["policies"][p] for p in POLICIES)]
-        print(f"| {checkpoint} | {m['below_threshold']} (< {m['threshold']}) | " + " | ".join(cells) + " |", flush=True)
-        misses[checkpoint] = {i for i, ok in enumerate(m["policies"]["default"][1]) if not ok}
+        print(f"| {checkpoint} | {m['top_box_hit']:.3f} | {m['below_threshold']} (< {m['threshold']}) | " + " | ".join(cells) + " |",
+              flush=True)
+        misses[checkpoint] = {i for i, ok in enumerate(m["policies"]["best match"][1]) if not ok}
     shared = set.intersection(*misses.values())
-    print(f"\nR@10 misses of the default policy: {', '.join(f'{c}: {len(s)}' for c, s in misses.items())}; "
+    print(f"\nR@10 misses of the pipeline's policy (best match): {', '.join(f'{c}: {len(s)}' for c, s in misses.items())}; "
           f"missed by every checkpoint ({len(shared)}):")
     for i in sorted(shared):
-        print(f"  {data.query_images[i]}  ({data.query_products[i]})")
+        name = data.query_images[i] if isinstance(data.query_images[i], str) else f"dev photo #{i}"
+        print(f"  {name}  ({data.query_products[i]})")
     return 0
 
 

@@ -4,6 +4,13 @@ Query photos and catalog images take the same path (decode -> detect -> crop
 with a margin -> embed), so both sides of a match are framed alike. When the
 detector finds nothing above its threshold, or there is no trained detector,
 the whole image is the region.
+
+A query photo also embeds candidate regions: the detector's best boxes down to
+``CANDIDATE_THRESHOLD`` and the whole photo. The search then answers with the
+region that matches the catalog best (:meth:`QueryEmbedding.choose`): a shopper
+photo always shows a catalog product, so a region whose nearest catalog item is
+close is likely the product, and a box the detector was unsure of still counts.
+A catalog image has no catalog to ask, so it keeps the detector's choice.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ from imgsearch.errors import BadInput
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
+# Detector boxes scoring at least this are query candidates (the AP measurement's floor).
+CANDIDATE_THRESHOLD = 0.05
+# A candidate's merit: its best search score plus this much of its detector score (the whole photo's is 0).
+# Chosen on dev photos (bench_region_policy.py --dev 6), never on the eval queries: it lifted R@1 by
+# 0.017-0.023 and R@10 by 0.010-0.021 over the detector's choice on three trained models.
+MATCH_SCORE_WEIGHT = 0.5
 
 
 def _image_name(source: ImageSource, index: int) -> str | None:
@@ -153,7 +166,11 @@ class Region:
 
 @dataclass
 class QueryEmbedding:
-    """One photo's regions and their vectors, best-scoring first (``vectors[i]`` belongs to ``regions[i]``)."""
+    """One photo's regions and their vectors (``vectors[i]`` belongs to ``regions[i]``).
+
+    ``regions[0]`` is the detector's choice: its best box at or above the threshold, else the
+    whole image. Query photos carry further candidates after it (lower boxes, the whole image).
+    """
 
     image_size: tuple[int, int]
     regions: list[Region]
@@ -165,11 +182,33 @@ class QueryEmbedding:
 
     @property
     def best(self) -> np.ndarray:
+        """The detector's choice's vector (what a catalog image is stored as)."""
         return self.vectors[0]
 
+    def choose(self, top_scores) -> int:
+        """The region to answer with: the highest best-search-score plus ``MATCH_SCORE_WEIGHT`` x detector score.
+
+        ``top_scores[i]``: the best search score of ``vectors[i]`` (``-inf`` or NaN when its search
+        found nothing). Ties go to the earlier region, so with one region, or none found, it is 0.
+        """
+        top = np.asarray(top_scores, dtype=np.float64).reshape(-1)
+        if len(top) != len(self.regions):
+            raise BadInput(f"{len(top)} search scores for {len(self.regions)} regions")
+        merit = np.where(np.isfinite(top), top, -np.inf) + MATCH_SCORE_WEIGHT * np.array([r.score for r in self.regions])
+        return int(np.argmax(merit)) if np.isfinite(merit).any() else 0
+
     def detections(self) -> list[dict]:
-        """The HTTP response's ``detections`` list."""
-        return [{"box": [round(v, 1) for v in r.box], "score": round(r.score, 4)} for r in self.regions]
+        """The HTTP response's ``detections`` list: the detector's boxes that were embedded, best first."""
+        boxes = sorted((r for r in self.regions if r.from_detector), key=lambda r: -r.score)
+        return [region_dict(r) for r in boxes]
+
+    def region(self, index: int) -> dict:
+        """The HTTP response's ``region``: the region whose results are returned."""
+        return {**region_dict(self.regions[index]), "source": "detector" if self.regions[index].from_detector else "whole_image"}
+
+
+def region_dict(region: Region) -> dict:
+    return {"box": [round(v, 1) for v in region.box], "score": round(region.score, 4)}
 
 
 def crop_with_margin(image: Image.Image, box, margin: float) -> Image.Image:
@@ -192,20 +231,25 @@ class QueryPipeline:
     """decode -> detect -> crop (+margin) -> embed, for query photos and catalog images alike.
 
     ``detector=None`` (no trained detector) embeds whole images. ``max_regions``
-    caps the vectors per photo.
+    caps the detector boxes per query photo; ``score_threshold`` (default: the
+    detector's) is the detector's own choice's floor, ``candidate_threshold`` the
+    floor of the further candidate boxes.
     """
 
     def __init__(self, embedder: Embedder, detector: ProductDetector | None = None, *, margin: float = 0.10,
-                 max_regions: int = 3, score_threshold: float | None = None):
+                 max_regions: int = 3, score_threshold: float | None = None, candidate_threshold: float = CANDIDATE_THRESHOLD):
         if not 0.0 <= margin <= 1.0:
             raise BadInput(f"margin must be in [0, 1], got {margin!r}")
         if max_regions < 1:
             raise BadInput(f"max_regions must be >= 1, got {max_regions!r}")
+        if not 0.0 <= candidate_threshold <= 1.0:
+            raise BadInput(f"candidate_threshold must be in [0, 1], got {candidate_threshold!r}")
         self.embedder = embedder
         self.detector = detector.eval() if detector is not None else None
         self.margin = margin
         self.max_regions = max_regions
         self.score_threshold = score_threshold
+        self.candidate_threshold = candidate_threshold
 
     @property
     def model_hash(self) -> str:
@@ -215,26 +259,47 @@ class QueryPipeline:
     def dim(self) -> int:
         return self.embedder.dim
 
-    def regions(self, images: list[Image.Image]) -> list[list[Region]]:
-        found = self.detector.detect(images, self.score_threshold) if self.detector is not None else [None] * len(images)
-        result = []
-        for image, dets in zip(images, found):
-            regions = [] if dets is None else [
-                Region(tuple(float(v) for v in box), float(score), True)
-                for box, score in zip(dets.boxes[: self.max_regions], dets.scores[: self.max_regions])
-            ]
-            result.append(regions or [Region((0.0, 0.0, float(image.width), float(image.height)), 0.0, False)])
-        return result
+    @property
+    def keep_threshold(self) -> float | None:
+        """The floor of the detector's own choice (None without a detector)."""
+        if self.detector is None:
+            return None
+        return self.score_threshold if self.score_threshold is not None else self.detector.config.score_threshold
 
-    def embed_queries(self, images: list[ImageSource], stage=_untimed) -> list[QueryEmbedding]:
+    def regions(self, images: list[Image.Image], candidates: bool = True) -> list[list[Region]]:
+        """Per image, the regions to embed: the detector's choice first, then (``candidates``) the rest.
+
+        With ``candidates=False`` (catalog images) only the detector's choice.
+        """
+        floor = None
+        if self.detector is not None:
+            floor = min(self.keep_threshold, self.candidate_threshold) if candidates else self.keep_threshold
+        found = self.detector.detect(images, floor) if self.detector is not None else [None] * len(images)
+        return [self.regions_of(image, dets, candidates) for image, dets in zip(images, found)]
+
+    def regions_of(self, image: Image.Image, dets, candidates: bool = True) -> list[Region]:
+        """:meth:`regions` for one image from its detections (best first, any floor: lower ones are dropped)."""
+        whole = Region((0.0, 0.0, float(image.width), float(image.height)), 0.0, False)
+        if dets is None:
+            return [whole]
+        keep = self.keep_threshold
+        floor = min(keep, self.candidate_threshold) if candidates else keep
+        boxes = [Region(tuple(float(v) for v in box), float(score), True)
+                 for box, score in zip(dets.boxes[: self.max_regions], dets.scores[: self.max_regions]) if score >= floor]
+        chosen = boxes[0] if boxes and boxes[0].score >= keep else whole
+        if not candidates:
+            return [chosen]
+        return [chosen] + [r for r in boxes + [whole] if r is not chosen]
+
+    def crops(self, image: Image.Image, regions: list[Region]) -> list[Image.Image]:
+        return [image if not r.from_detector else crop_with_margin(image, r.box, self.margin) for r in regions]
+
+    def embed_queries(self, images: list[ImageSource], stage=_untimed, candidates: bool = True) -> list[QueryEmbedding]:
         """``stage(name)`` is a context manager timing each step (the server's Prometheus timers)."""
         decoded = [load_rgb(src, _image_name(src, i)) for i, src in enumerate(images)]
         with stage("detect"):
-            all_regions = self.regions(decoded)
-        crops = [
-            image if not region.from_detector else crop_with_margin(image, region.box, self.margin)
-            for image, regions in zip(decoded, all_regions) for region in regions
-        ]
+            all_regions = self.regions(decoded, candidates)
+        crops = [crop for image, regions in zip(decoded, all_regions) for crop in self.crops(image, regions)]
         with stage("embed"):
             vectors = self.embedder.embed(crops)
         results, start = [], 0
@@ -248,7 +313,7 @@ class QueryPipeline:
         out = np.empty((len(images), self.embedder.dim), dtype=np.float32)
         step = self.embedder.batch_size
         for start in range(0, len(images), step):
-            for i, query in enumerate(self.embed_queries(images[start : start + step])):
+            for i, query in enumerate(self.embed_queries(images[start : start + step], candidates=False)):
                 out[start + i] = query.best
         return out
 

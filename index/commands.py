@@ -102,7 +102,7 @@ def search_command(args) -> int:
 
 def _search_images(args) -> int:
     """One JSON object per query image, shaped like the HTTP response: the same detect -> crop ->
-    embed path as the server, results of the best-scoring detection, every region listed."""
+    embed path as the server, results of the region that matches best, every detection listed."""
     import time
 
     from embed.pipeline import load_pipeline
@@ -119,14 +119,15 @@ def _search_images(args) -> int:
     for image in args.images:
         t0 = time.perf_counter()
         (query,) = pipeline.embed_queries([image])
-        if query.best.shape[-1] != idx.dim:
-            raise BadInput(f"the model makes {query.best.shape[-1]}-d vectors, version {idx.version} holds {idx.dim}-d")
+        if query.vectors.shape[-1] != idx.dim:
+            raise BadInput(f"the model makes {query.vectors.shape[-1]}-d vectors, version {idx.version} holds {idx.dim}-d")
         # Several images may share a product: fetch extra, keep each product's best image.
-        scores, ids = idx.search(query.best.reshape(1, -1).astype(np.float32), min(4 * args.k, 10_000))
-        results = _join(store, scores[0], ids[0], args.k)
+        scores, ids = idx.search(query.vectors.astype(np.float32), min(4 * args.k, 10_000))
+        chosen = query.choose([s[0] if i[0] >= 0 else -np.inf for s, i in zip(scores, ids)])
+        results = _join(store, scores[chosen], ids[chosen], args.k)
         print(json.dumps({"query": image, "index_version": idx.version,
                           "took_ms": round(1000 * (time.perf_counter() - t0), 3),
-                          "detections": query.detections(), "results": results}))
+                          "detections": query.detections(), "region": query.region(chosen), "results": results}))
     if store is not None and hasattr(store, "close"):
         store.close()
     return 0

@@ -31,12 +31,9 @@ def splittable(pipeline) -> bool:
 def prepare(pipeline, image, stage=lambda name: nullcontext()) -> PreparedQuery:
     if not splittable(pipeline):
         return PreparedQuery(image)
-    from embed.pipeline import crop_with_margin
-
     with stage("detect"):
         (regions,) = pipeline.regions([image])
-    crops = [image if not r.from_detector else crop_with_margin(image, r.box, pipeline.margin) for r in regions]
-    return PreparedQuery(image, regions, pipeline.embedder.preprocess(crops))
+    return PreparedQuery(image, regions, pipeline.embedder.preprocess(pipeline.crops(image, regions)))
 
 
 def embed_prepared(pipeline, queries: list[PreparedQuery], stage=lambda name: nullcontext()) -> list:

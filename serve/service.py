@@ -68,7 +68,7 @@ class LiveIndex:
 @dataclass(frozen=True)
 class SearchJob:
     live: LiveIndex
-    vector: np.ndarray  # (dim,)
+    vectors: np.ndarray  # (m, dim): one query's rows (a photo's candidate regions)
     fetch: int
     category: str | None
 
@@ -326,20 +326,25 @@ class SearchService:
 
     def search(self, live: LiveIndex, query: SearchRequest) -> dict:
         self.catch_up()
-        detections: list[dict] = []
         if query.vector is not None:
-            vector = query.vector
+            embedded = None
+            vectors = query.vector.reshape(1, -1)
         else:
-            vector, detections = self._embed_query_image(query.image)
-        if vector.shape[-1] != live.dim:
-            raise ApiError(500, "dimension_mismatch", f"the embedder makes {vector.shape[-1]}-d vectors, the index holds {live.dim}-d")
-        results, partial = self._distinct_products(live, vector.reshape(-1), query.k, query.category)
-        body: dict = {"detections": detections, "results": results}
+            embedded = self._embed_query_image(query.image)
+            vectors = embedded.vectors
+        if vectors.shape[-1] != live.dim:
+            raise ApiError(500, "dimension_mismatch", f"the embedder makes {vectors.shape[-1]}-d vectors, the index holds {live.dim}-d")
+        # A photo's regions are searched together; the answer is the region that matches best.
+        choose = embedded.choose if embedded is not None else None
+        results, partial, chosen = self._distinct_products(live, vectors, query.k, query.category, choose)
+        body: dict = {"detections": embedded.detections() if embedded is not None else [], "results": results}
+        if embedded is not None:
+            body["region"] = embedded.region(chosen)
         if live.sharded:
             body["partial"] = partial
         return body
 
-    def _embed_query_image(self, data: bytes) -> tuple[np.ndarray, list[dict]]:
+    def _embed_query_image(self, data: bytes):
         from embed.image_io import decode_image
 
         with self._stage("decode"):
@@ -351,7 +356,7 @@ class SearchService:
         else:
             self.arrivals.leave()
             (query,) = embedding.embed_prepared(pipeline, [prepared], self._stage)
-        return query.best, query.detections()
+        return query
 
     def _embed_batch(self, prepared: list) -> list:
         pipeline = self.embedder()
@@ -368,14 +373,14 @@ class SearchService:
                 results.append(exc)
         return results
 
-    def _search(self, live: LiveIndex, vector: np.ndarray, fetch: int, category: str | None):
-        """(scores, ids, partial) of one query: batched with concurrent ones when enabled."""
+    def _search(self, live: LiveIndex, vectors: np.ndarray, fetch: int, category: str | None):
+        """(scores (m, fetch), ids (m, fetch), partial) of one query's m rows: batched with concurrent ones when enabled."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, live.dim)
         if self.batching:
-            return self._search_batcher.submit(SearchJob(live, vector, fetch, category))
+            return self._search_batcher.submit(SearchJob(live, vectors, fetch, category))
         self.arrivals.leave()
         with self._stage("search"):
-            scores, ids, partial = run_search(live.index, vector.reshape(1, -1), fetch, category)
-        return scores[0], ids[0], partial
+            return run_search(live.index, vectors, fetch, category)
 
     def _search_batch(self, jobs: list[SearchJob]) -> list:
         """One index call per (version, category, fetch) group: a query's result never
@@ -386,32 +391,40 @@ class SearchService:
         out: list = [None] * len(jobs)
         for members in groups.values():
             first = jobs[members[0]]
-            queries = np.stack([jobs[n].vector for n in members]).astype(np.float32, copy=False)
+            queries = np.concatenate([jobs[n].vectors for n in members]).astype(np.float32, copy=False)
+            ends = np.cumsum([len(jobs[n].vectors) for n in members])
             try:
                 with self._stage("search"):
                     scores, ids, partial = run_search(first.live.index, queries, first.fetch, first.category)
-                for row, n in enumerate(members):
-                    out[n] = (scores[row], ids[row], partial)
+                for n, end in zip(members, ends):
+                    start = end - len(jobs[n].vectors)
+                    out[n] = (scores[start:end], ids[start:end], partial)
             except Exception as exc:  # noqa: BLE001 - handed to the group's request threads
                 for n in members:
                     out[n] = exc
         return out
 
-    def _distinct_products(self, live: LiveIndex, vector: np.ndarray, k: int, category: str | None) -> tuple[list[dict], bool]:
-        """Top k distinct products (best image each), optionally of one category; and whether
-        some shard did not answer."""
+    def _distinct_products(self, live: LiveIndex, vectors: np.ndarray, k: int, category: str | None,
+                           choose=None) -> tuple[list[dict], bool, int]:
+        """Top k distinct products (best image each), optionally of one category, of the row of
+        ``vectors`` that ``choose(best score per row)`` picks (default row 0); whether some shard
+        did not answer; and the row."""
         ntotal = live.ntotal
         if ntotal == 0:
             self.arrivals.leave()
-            return [], False
+            return [], False, 0
         limit = min(ntotal, MAX_FETCH)
         fetch = min(limit, max(k * OVERFETCH, k + MIN_EXTRA_CANDIDATES))
-        scores, ids, partial = self._search(live, vector, fetch, category)
+        all_scores, all_ids, partial = self._search(live, vectors, fetch, category)
+        row = 0
+        if choose is not None and len(vectors) > 1:
+            row = choose([s[0] if len(s) and i[0] >= 0 else -np.inf for s, i in zip(all_scores, all_ids)])
+        scores, ids, vector = all_scores[row], all_ids[row], vectors[row]
         while True:
             with self._stage("join"):
                 results = self._join(scores, ids, k)
             if len(results) >= k or fetch >= limit:
-                return results, partial
+                return results, partial, row
             fetch = min(limit, fetch * 4)  # many images per product: look deeper, alone
             with self._stage("search"):
                 s, i, more_partial = run_search(live.index, vector.reshape(1, -1), fetch, category)

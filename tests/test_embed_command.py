@@ -45,11 +45,12 @@ def test_search_image_goes_through_the_query_pipeline(tmp_path, capsys):
     assert main(["search", "--index-root", str(root), "--store", str(store), "-k", "3", str(tmp_path / "q.jpg")]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
     answer = json.loads(line)
-    assert set(answer) == {"query", "index_version", "took_ms", "detections", "results"}
+    assert set(answer) == {"query", "index_version", "took_ms", "detections", "region", "results"}
     assert answer["results"][0]["product_id"] == "p-chelsea" and answer["results"][0]["category"] == "cat-1"
     assert len(answer["results"]) == 3 and len({r["product_id"] for r in answer["results"]}) == 3
     # No trained detector in the default model: the whole photo is the one region.
-    assert answer["detections"] == [{"box": [0.0, 0.0, float(w // 2), float(h // 2)], "score": 0.0}]
+    assert answer["detections"] == []
+    assert answer["region"] == {"box": [0.0, 0.0, float(w // 2), float(h // 2)], "score": 0.0, "source": "whole_image"}
 
     assert main(["search", "--index-root", str(root), str(tmp_path / "missing.jpg")]) == 2
     assert "missing.jpg" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from embed.detector import ProductDetector
-from embed.pipeline import QueryPipeline, crop_with_margin, load_embedder, load_pipeline
+from embed.detector import Detections, ProductDetector
+from embed.pipeline import QueryEmbedding, QueryPipeline, Region, crop_with_margin, load_embedder, load_pipeline
 from imgsearch.errors import BadInput
 
 torch.set_num_threads(2)
@@ -41,16 +41,22 @@ def test_without_a_detector_the_whole_image_is_the_region(embedder, photos):
 def test_an_untrained_detector_falls_back_to_the_whole_image(embedder, detector, photos):
     results = QueryPipeline(embedder, detector).embed_queries(photos)
     assert all(r.fallback for r in results)
-    assert results[0].detections() == [{"box": [0.0, 0.0, 512.0, 512.0], "score": 0.0}]
+    assert results[0].regions[0].box == (0.0, 0.0, 512.0, 512.0)
+    # Its low boxes are still candidates, listed as detections; the whole image is not a detection.
+    for result in results:
+        assert all(0.05 <= d["score"] < 0.3 for d in result.detections())
+        assert len(result.detections()) == len(result.regions) - 1 == len(result.vectors) - 1
 
 
 def test_several_detections_give_several_vectors_best_first(embedder, detector, photos):
     pipeline = QueryPipeline(embedder, detector, score_threshold=0.0, max_regions=3)
     for image, result in zip(photos, pipeline.embed_queries(photos)):
-        assert not result.fallback and len(result.regions) == 3
-        assert result.vectors.shape == (3, 128)
+        # Three boxes, then the whole image as one more candidate.
+        assert not result.fallback and len(result.regions) == 4 and not result.regions[-1].from_detector
+        assert result.vectors.shape == (4, 128)
         np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
-        scores = [r.score for r in result.regions]
+        np.testing.assert_allclose(result.vectors[-1], embedder.embed([image])[0], atol=1e-5)
+        scores = [r.score for r in result.regions[:3]]
         assert scores == sorted(scores, reverse=True)
         for region in result.regions:
             x1, y1, x2, y2 = region.box
@@ -72,3 +78,39 @@ def test_crop_with_margin_grows_the_box_and_clips_to_the_image():
     assert crop_with_margin(image, (0, 0, 100, 80), 0.1).size == (100, 80)
     with pytest.raises(BadInput, match="empty"):
         crop_with_margin(image, (120, 10, 130, 20), 0.1)
+
+
+def _detections(*scores: float) -> Detections:
+    boxes = np.array([[10.0 * i, 10.0, 10.0 * i + 40.0, 60.0] for i in range(len(scores))], dtype=np.float32).reshape(-1, 4)
+    return Detections(boxes, np.array(scores, dtype=np.float32), np.ones(len(scores), dtype=np.int64))
+
+
+@pytest.mark.parametrize(("scores", "query_scores", "catalog_scores"), [
+    ((0.8, 0.2, 0.04), [0.8, 0.2, 0.0], [0.8]),  # a confident box leads; the whole image comes last
+    ((0.2, 0.1), [0.0, 0.2, 0.1], [0.0]),  # nothing at 0.3: the whole image leads, the boxes stay candidates
+    ((0.9, 0.7, 0.6, 0.5), [0.9, 0.7, 0.6, 0.0], [0.9]),  # max_regions boxes at most
+    ((), [0.0], [0.0]),
+])
+def test_regions_put_the_detectors_choice_first_then_the_candidates(embedder, detector, scores, query_scores, catalog_scores):
+    pipeline = QueryPipeline(embedder, detector, max_regions=3)
+    image = Image.new("RGB", (200, 100))
+    dets = _detections(*scores)
+    assert [r.score for r in pipeline.regions_of(image, dets)] == pytest.approx(query_scores)
+    assert [r.score for r in pipeline.regions_of(image, dets, candidates=False)] == pytest.approx(catalog_scores)
+    whole = [r for r in pipeline.regions_of(image, dets) if not r.from_detector]
+    assert [r.box for r in whole] == [(0.0, 0.0, 200.0, 100.0)]
+
+
+def test_choose_weighs_the_search_score_with_the_detector_score():
+    regions = [Region((0, 0, 9, 9), 0.6, True), Region((1, 1, 5, 5), 0.1, True), Region((0, 0, 20, 20), 0.0, False)]
+    query = QueryEmbedding((20, 20), regions, np.zeros((3, 4), dtype=np.float32))
+    assert query.choose([0.50, 0.70, 0.75]) == 0  # 0.80 > 0.75 = 0.75
+    assert query.choose([0.50, 0.90, 0.75]) == 1  # 0.95 beats 0.80
+    assert query.choose([0.50, 0.70, 0.95]) == 2
+    assert query.choose([float("nan"), -np.inf, 0.1]) == 2  # a region whose search found nothing never wins
+    assert query.choose([-np.inf] * 3) == 0
+    with pytest.raises(BadInput, match="2 search scores for 3 regions"):
+        query.choose([0.1, 0.2])
+    assert query.region(1) == {"box": [1.0, 1.0, 5.0, 5.0], "score": 0.1, "source": "detector"}
+    assert query.region(2)["source"] == "whole_image"
+    assert [d["score"] for d in query.detections()] == [0.6, 0.1]

@@ -14,6 +14,7 @@ from embed.image_io import decode_image
 from imgsearch import assets
 from imgsearch.errors import BadInput, MissingAsset
 from train import sample_data as sd
+from train.evaluate import RetrievalSet
 
 SMALL = {"limit_products": 8, "queries_per_product": 2}
 
@@ -205,6 +206,29 @@ def test_queries_are_only_for_eval_products_with_boxes_inside(small_set):
         assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
         assert (image.width, image.height) == (query["width"], query["height"])
         assert query["category"]
+
+
+def test_dev_queries_are_new_photos_of_the_eval_products(small_set):
+    dev = sd.dev_queries(small_set, per_product=3)
+    assert len(dev) == 3 * len(small_set.eval_ids)
+    assert [q["product_id"] for q in dev] == [pid for pid in small_set.eval_ids for _ in range(3)]
+    eval_pixels = [np.asarray(decode_image(q["image"])) for q in sd.read_queries(small_set)]
+    for query in dev:
+        x1, y1, x2, y2 = query["box"]
+        assert 0 <= x1 < x2 <= query["image"].width and 0 <= y1 < y2 <= query["image"].height
+        pixels = np.asarray(query["image"])
+        assert not any(p.shape == pixels.shape and np.array_equal(p, pixels) for p in eval_pixels)
+    again = sd.dev_queries(small_set, per_product=3)
+    assert all(np.array_equal(np.asarray(a["image"]), np.asarray(b["image"])) and a["box"] == b["box"] for a, b in zip(dev, again))
+    # Photo k of a product does not depend on how many are asked for.
+    first = sd.dev_queries(small_set, per_product=1)
+    assert np.array_equal(np.asarray(first[0]["image"]), np.asarray(dev[0]["image"]))
+    with pytest.raises(BadInput, match="per_product must be at least 1, got 0"):
+        sd.dev_queries(small_set, per_product=0)
+    retrieval = RetrievalSet.from_sample_set(small_set, dev_per_product=3)
+    assert retrieval.query_products == [q["product_id"] for q in dev]
+    assert retrieval.query_boxes == [tuple(q["box"]) for q in dev]
+    assert len(retrieval.catalog_images) == len(RetrievalSet.from_sample_set(small_set).catalog_images)
 
 
 def test_build_is_deterministic_and_seed_changes_queries(tmp_path, small_set):

@@ -228,7 +228,50 @@ def test_image_query_runs_the_real_pipeline_and_times_each_stage(catalog_env, tm
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
     assert body["results"][0]["product_id"] == "prod-11"
-    assert len(body["detections"]) >= 1 and len(body["detections"][0]["box"]) == 4
+    # No trained detector in the default model: no detections, the whole photo answers.
+    w, h = Image.open(io.BytesIO(photo)).size
+    assert body["detections"] == []
+    assert body["region"] == {"box": [0.0, 0.0, float(w), float(h)], "score": 0.0, "source": "whole_image"}
     text = client.get("/metrics").get_data(as_text=True)
     for stage in ("decode", "detect", "embed", "search", "join"):
         assert f'imgsearch_stage_seconds_count{{stage="{stage}"}} 1.0' in text
+
+
+class TwoRegionPipeline:
+    """A photo's regions as the query pipeline gives them: the detector's choice (0.35) first, a
+    lower box (0.1) next. The first embeds opposite to a stored product's vector (every stored
+    colour vector is positive, so it matches nothing well), the second as that vector."""
+
+    dim = DIM
+
+    def __init__(self, product_vector: list[float]):
+        self.product_vector = np.asarray(product_vector, np.float32)
+
+    def embed_queries(self, images, stage=None):
+        from embed.pipeline import QueryEmbedding, Region
+
+        regions = [Region((1.0, 2.0, 30.0, 40.0), 0.35, True), Region((5.0, 5.0, 20.0, 25.0), 0.1, True)]
+        return [QueryEmbedding(im.size, regions, np.stack([-self.product_vector, self.product_vector])) for im in images]
+
+    def embed_catalog(self, images):
+        return colour_embed(images)
+
+
+@pytest.mark.parametrize("batch_window_ms", [0.0, 2.0])
+def test_a_photo_is_answered_by_its_best_matching_region(catalog_env, tmp_path, batch_window_ms):
+    root, _, _ = catalog_env
+    store_path, index_root = tmp_path / "store", tmp_path / "index"  # the module's store is open in this process
+    with CatalogStore.create_or_open(store_path, dim=DIM, vector_dtype="float32") as store:
+        ingest_catalog(root / "catalog.csv", store, colour_embed, progress=False)
+        build_version(store_source(store), str(index_root), factory="auto")
+    product_vector = colour_embed([Image.open(root / "p13_0.png").convert("RGB")])[0]
+    service = SearchService(index_root, store_path, embedder=TwoRegionPipeline(product_vector), batch_window_ms=batch_window_ms)
+    assert service.load_current() is not None
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(photo, format="PNG")
+    body = create_app(service).test_client().post(
+        "/v1/search", data={"image": (io.BytesIO(photo.getvalue()), "q.png"), "k": "3"}, content_type="multipart/form-data").get_json()
+    # The lower box matches exactly (1.0 + 0.5 x 0.1); the detector's choice matches nothing (< 0 + 0.5 x 0.35).
+    assert body["region"] == {"box": [5.0, 5.0, 20.0, 25.0], "score": 0.1, "source": "detector"}
+    assert body["results"][0]["product_id"] == "prod-13" and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [d["score"] for d in body["detections"]] == [0.35, 0.1]

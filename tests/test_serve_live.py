@@ -205,7 +205,7 @@ def test_web_page_in_headless_chromium_shows_the_right_product(server, demo, tmp
         img = next(i for i in driver.find_elements(By.CSS_SELECTOR, "#results img") if i.get_attribute("data-product-id") == q["product_id"])
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img))
         assert "/v1/products/" in img.get_attribute("src")
-        assert driver.find_elements(By.CSS_SELECTOR, "#boxes rect"), "the query's detected box is drawn"
+        assert driver.find_elements(By.CSS_SELECTOR, "#boxes rect[stroke='#12b76a']"), "the answering region is drawn"
         assert "products in" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()

@@ -79,3 +79,19 @@ def test_fashion_mnist_p_at_1_scores_an_embedder_against_raw_pixels_on_real_imag
     pick = fashion_mnist_pick(10_000, 300, seed=1)
     assert len(np.unique(pick)) == 300 and (np.diff(pick) > 0).all()
     assert np.array_equal(pick, fashion_mnist_pick(10_000, 300, seed=1))
+
+
+def test_answering_vectors_take_each_querys_best_matching_region():
+    from embed.pipeline import QueryEmbedding, Region
+    from train.evaluate import answering_vectors
+
+    catalog = np.eye(4, dtype=np.float32)
+    box, whole = Region((0, 0, 5, 5), 0.3, True), Region((0, 0, 9, 9), 0.0, False)
+    off = np.full(4, 0.5, dtype=np.float32)  # 0.5 from every catalog row
+    near = np.array([0.0, 0.96, 0.28, 0.0], dtype=np.float32)  # 0.96 from row 1
+    queries = [
+        QueryEmbedding((9, 9), [box, whole], np.stack([off, near])),  # 0.5 + 0.15 < 0.96: the whole photo answers
+        QueryEmbedding((9, 9), [box, whole], np.stack([near, off])),  # the box matches: it answers
+        QueryEmbedding((9, 9), [whole], off[None]),
+    ]
+    np.testing.assert_array_equal(answering_vectors(queries, catalog), np.stack([near, near, off]))

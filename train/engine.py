@@ -61,14 +61,15 @@ class TrainConfig:
     # Held-out AP@0.5 (4 epochs, bench_train_sweep.py detector; BENCHMARKS.md): blocks [17:] learn,
     # 1200 scenes x 4 passes 0.821; [14:] 0.893; [14:] 2400 x 2 passes 0.906; [14:] 4800 x 1 pass
     # 0.906; [14:] 3600 x 1 0.909 and 0.915 (seeds 0, 1); [11:] 3600 x 1 0.950, with the top box
-    # at IoU >= 0.5 on 94 % of photos instead of 91-92 %. But in make train-demo [11:] took 1,115 s
-    # instead of 943 s (AP 0.947 vs 0.927, R@1 0.916 vs 0.904, R@10 0.966 vs 0.973), too near the
-    # 20-minute budget: [14:] stays the default. A new scene costs ~50 ms (render + frozen trunk),
-    # a step over 16 of them ~0.45 s from [14:], so fresh scenes beat repeated passes.
-    scenes: int = 3600
+    # at IoU >= 0.5 on 94 % of photos instead of 91-92 %. In make train-demo, [11:] with 3600 scenes
+    # took 1,115 s (too near the 20-minute budget); with 2800 scenes 900 s, less than [14:] with
+    # 3600 (943 s), at AP 0.955 vs 0.927 and dev-photo R@10 0.964 vs 0.952 (bench_region_policy.py
+    # --dev 6). A new scene costs ~50 ms (render + frozen trunk), a step over 16 of them ~0.45 s
+    # from [14:] and ~0.7 s from [11:], so fresh scenes beat repeated passes.
+    scenes: int = 2800
     scene_batch: int = 16
     detector_passes: int = 1  # passes over the scene cache per epoch
-    detector_trainable_from: int = 14  # MobileNetV2 blocks [this:] of the detector's trunk learn; below 14 the stride-16 map too
+    detector_trainable_from: int = 11  # MobileNetV2 blocks [this:] of the detector's trunk learn; below 14 the stride-16 map too
     detector_lr: float = 1e-3
     detector_image_size: int = 320
     heldout_fraction: float = 0.25  # used only when the catalog has no split.json

@@ -152,19 +152,23 @@ def fashion_mnist_p_at_1(embed_images: Callable[[list], np.ndarray], n: int = 20
 class RetrievalSet:
     """Held-out queries (image paths, true product, true box) and the catalog to search."""
 
-    query_images: list[str]
+    query_images: list  # paths, or in-memory images for dev photos
     query_products: list[str]
     query_boxes: list[tuple[float, float, float, float]]
     catalog_images: list[str]
     catalog_products: list[str]
 
     @classmethod
-    def from_sample_set(cls, sample_set, eval_ids: Sequence[str] | None = None, limit_queries: int | None = None) -> RetrievalSet:
-        from train.sample_data import read_queries
+    def from_sample_set(cls, sample_set, eval_ids: Sequence[str] | None = None, limit_queries: int | None = None,
+                        dev_per_product: int | None = None) -> RetrievalSet:
+        """The eval queries against the whole catalog; with ``dev_per_product``, that many dev photos
+        per held-out product (:func:`train.sample_data.dev_queries`, in-memory images) instead."""
+        from train.sample_data import dev_queries, read_queries
         from train.training_data import read_catalog
 
         keep = set(eval_ids if eval_ids is not None else sample_set.eval_ids)
-        queries = [q for q in read_queries(sample_set) if q["product_id"] in keep][:limit_queries]
+        rows = read_queries(sample_set) if dev_per_product is None else dev_queries(sample_set, dev_per_product)
+        queries = [q for q in rows if q["product_id"] in keep][:limit_queries]
         catalog = read_catalog(sample_set.catalog_csv)
         return cls(
             query_images=[q["image"] for q in queries],
@@ -178,32 +182,42 @@ class RetrievalSet:
 AP_SCORE_THRESHOLD = 0.05  # AP needs the low-score tail of the detections, not only those the pipeline keeps
 
 
-def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD) -> tuple[np.ndarray, list | None]:
-    """Each query's best-region vector by ``pipeline``'s path, plus every detection down to ``ap_threshold``.
+def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD) -> tuple[list, list | None]:
+    """Each query's :class:`embed.pipeline.QueryEmbedding` by ``pipeline``'s path, plus every detection down to ``ap_threshold``.
 
-    The same as ``pipeline.embed_queries(images)[i].best`` (best box above the
-    pipeline's threshold, cropped with its margin, else the whole image), with
-    one detector pass serving both the recall and the AP measurement.
+    The same regions and vectors as ``pipeline.embed_queries(images)`` (the
+    detector's choice, then the candidates), with one detector pass serving both
+    the recall and the AP measurement.
     """
     from embed.image_io import load_rgb
-    from embed.pipeline import crop_with_margin
+    from embed.pipeline import QueryEmbedding
 
     decoded = [load_rgb(im) for im in images]
+    found: list = [None] * len(decoded)
+    if pipeline.detector is not None:
+        floor = min(ap_threshold, pipeline.candidate_threshold, pipeline.keep_threshold)
+        found = pipeline.detector.detect(decoded, floor)
+    regions = [pipeline.regions_of(image, dets) for image, dets in zip(decoded, found)]
+    vectors = pipeline.embedder.embed([crop for image, r in zip(decoded, regions) for crop in pipeline.crops(image, r)])
+    queries, start = [], 0
+    for image, r in zip(decoded, regions):
+        queries.append(QueryEmbedding(image.size, r, vectors[start : start + len(r)]))
+        start += len(r)
     if pipeline.detector is None:
-        return pipeline.embedder.embed(decoded), None
-    found = pipeline.detector.detect(decoded, ap_threshold)
-    keep = pipeline.score_threshold if pipeline.score_threshold is not None else pipeline.detector.config.score_threshold
-    crops = []
-    for image, dets in zip(decoded, found):
-        above = dets.scores >= keep  # detections come best first
-        crops.append(crop_with_margin(image, dets.boxes[above][0], pipeline.margin) if above.any() else image)
-    return pipeline.embedder.embed(crops), [(d.boxes, d.scores) for d in found]
+        return queries, None
+    return queries, [(d.boxes[d.scores >= ap_threshold], d.scores[d.scores >= ap_threshold]) for d in found]
+
+
+def answering_vectors(queries: list, catalog: np.ndarray) -> np.ndarray:
+    """Per query, the vector of the region a search of ``catalog`` (exact, by inner product) answers with."""
+    return np.stack([q.vectors[q.choose((q.vectors @ catalog.T).max(axis=1))] for q in queries])
 
 
 def evaluate_pipeline(pipeline, data: RetrievalSet, catalog_mode: str = "whole", ks: Sequence[int] = DEFAULT_KS,
                       progress: bool | None = None, batch: int = 16) -> dict:
-    """Recall@K of ``pipeline`` (an :class:`embed.pipeline.QueryPipeline`): queries detect -> crop -> embed;
-    with a detector, also its AP@0.5 on the queries' true boxes.
+    """Recall@K of ``pipeline`` (an :class:`embed.pipeline.QueryPipeline`): queries detect -> crop -> embed,
+    each answered by its best-matching region as the server does; with a detector, also its AP@0.5
+    on the queries' true boxes.
 
     ``catalog_mode``: ``whole`` embeds each clean catalog shot as is; ``detect``
     sends it through the same detect -> crop path as the queries.
@@ -219,8 +233,8 @@ def evaluate_pipeline(pipeline, data: RetrievalSet, catalog_mode: str = "whole",
     vectors, predictions = [], []
     bar = tqdm(range(0, len(data.query_images), batch), desc="eval queries", disable=None if progress is None else not progress)
     for start in bar:
-        v, p = query_pass(pipeline, data.query_images[start : start + batch])
-        vectors.append(v)
+        queries, p = query_pass(pipeline, data.query_images[start : start + batch])
+        vectors.append(answering_vectors(queries, catalog))
         predictions += p or []
     recall = cosine_recall(np.concatenate(vectors), data.query_products, catalog, data.catalog_products, ks)
     metrics = {f"recall@{k}": v for k, v in recall.items()}

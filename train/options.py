@@ -16,13 +16,13 @@ def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=["multisimilarity", "triplet"], default=None, help="metric loss (default triplet: best measured R@1)")
     p.add_argument("--seed", type=int, default=None, help="seed of views, scenes and batches (default 0)")
     p.add_argument("--views", type=positive_int, default=None, help="shopper views per train product (default 24)")
-    p.add_argument("--scenes", type=positive_int, default=None, help="detector training scenes (default 3600)")
+    p.add_argument("--scenes", type=positive_int, default=None, help="detector training scenes (default 2800)")
     p.add_argument("--detector-passes", type=positive_int, default=None,
                    help="passes over the detector scenes per epoch (default 1)")
     p.add_argument("--embed-trainable-from", type=positive_int, default=None, metavar="BLOCK",
                    help="MobileNetV2 blocks [BLOCK:] of the embedder learn, the rest is frozen and cached (default 14)")
     p.add_argument("--detector-trainable-from", type=positive_int, default=None, metavar="BLOCK",
-                   help="MobileNetV2 blocks [BLOCK:] of the detector learn, 1..19; below 14 the stride-16 map learns too (default 14)")
+                   help="MobileNetV2 blocks [BLOCK:] of the detector learn, 1..19; below 14 the stride-16 map learns too (default 11)")
     p.add_argument("--no-detector", action="store_true", help="train the embedder only")
     p.add_argument("--max-products", type=positive_int, default=None, help="train on at most N train products")
     p.add_argument("--image-size", type=positive_int, default=None, help="embedder input side (default 224)")

@@ -678,6 +678,37 @@ def read_queries(sample_set: SampleSet) -> list[dict]:
     return rows
 
 
+DEV_STREAM = 0x646576  # "dev": keeps the dev photos' generators apart from the eval queries' ([seed, hash, k])
+
+
+def dev_queries(sample_set: SampleSet, per_product: int = 6, stamps_dir: str | os.PathLike | None = None) -> list[dict]:
+    """New shopper photos of the held-out products, for choosing settings without looking at the eval queries.
+
+    Same products, backgrounds and style as :func:`read_queries`' photos, but drawn from
+    another random stream, so no photo is an eval query. Records are shaped like
+    ``read_queries``' with ``image`` an in-memory RGB image (after the JPEG round trip a
+    written query goes through). Tuning on these and reporting on the eval queries keeps
+    the reported figures free of the choice.
+    """
+    if per_product < 1:
+        raise BadInput(f"per_product must be at least 1, got {per_product!r}")
+    products = {p.product_id: p for p in list_products(stamps_dir)}
+    missing = [pid for pid in sample_set.eval_ids if pid not in products]
+    if missing:
+        raise BadInput(f"{len(missing)} eval product(s) of {sample_set.root} have no stamp, e.g. {missing[0]!r}")
+    backgrounds = list_backgrounds()
+    seed = int(sample_set.config.get("seed", 0))
+    rows = []
+    for product_id in sample_set.eval_ids:
+        cutout = load_cutout(products[product_id], max_side=SCENE_CUTOUT_MAX_SIDE)
+        for k in range(per_product):
+            render = render_scene([cutout], np.random.default_rng([seed, DEV_STREAM, _stable_hash(product_id), k]), backgrounds)
+            rows.append({"image": _jpeg_roundtrip(render.image, render.jpeg_quality), "product_id": product_id,
+                         "category": products[product_id].category, "box": list(render.boxes[0]),
+                         "background": render.background_name})
+    return rows
+
+
 # ---------------------------------------------------------------- Fashion-MNIST
 
 
