@@ -271,19 +271,19 @@ class QueryPipeline:
 
         With ``candidates=False`` (catalog images) only the detector's choice.
         """
-        floor = None
-        if self.detector is not None:
-            floor = min(self.keep_threshold, self.candidate_threshold) if candidates else self.keep_threshold
-        found = self.detector.detect(images, floor) if self.detector is not None else [None] * len(images)
+        found = self.detector.detect(images, self._floor(candidates)) if self.detector is not None else [None] * len(images)
         return [self.regions_of(image, dets, candidates) for image, dets in zip(images, found)]
+
+    def _floor(self, candidates: bool) -> float:
+        keep = self.keep_threshold
+        return min(keep, self.candidate_threshold) if candidates else keep
 
     def regions_of(self, image: Image.Image, dets, candidates: bool = True) -> list[Region]:
         """:meth:`regions` for one image from its detections (best first, any floor: lower ones are dropped)."""
         whole = Region((0.0, 0.0, float(image.width), float(image.height)), 0.0, False)
         if dets is None:
             return [whole]
-        keep = self.keep_threshold
-        floor = min(keep, self.candidate_threshold) if candidates else keep
+        keep, floor = self.keep_threshold, self._floor(candidates)
         boxes = [Region(tuple(float(v) for v in box), float(score), True)
                  for box, score in zip(dets.boxes[: self.max_regions], dets.scores[: self.max_regions]) if score >= floor]
         chosen = boxes[0] if boxes and boxes[0].score >= keep else whole

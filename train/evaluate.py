@@ -195,8 +195,7 @@ def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD)
     decoded = [load_rgb(im) for im in images]
     found: list = [None] * len(decoded)
     if pipeline.detector is not None:
-        floor = min(ap_threshold, pipeline.candidate_threshold, pipeline.keep_threshold)
-        found = pipeline.detector.detect(decoded, floor)
+        found = pipeline.detector.detect(decoded, min(ap_threshold, pipeline.candidate_threshold, pipeline.keep_threshold))
     regions = [pipeline.regions_of(image, dets) for image, dets in zip(decoded, found)]
     vectors = pipeline.embedder.embed([crop for image, r in zip(decoded, regions) for crop in pipeline.crops(image, r)])
     queries, start = [], 0
