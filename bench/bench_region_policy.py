@@ -7,6 +7,8 @@ the policy differs between columns:
 
 - ``best match``: the pipeline's policy, :meth:`embed.pipeline.QueryEmbedding.choose`: the
   candidate whose nearest catalog shot is closest, plus ``MATCH_SCORE_WEIGHT`` x its detector score;
+- ``best match + gap``: the same, plus ``GAP_WEIGHT`` x (its best product's score - its runner-up
+  product's score): a region whose best match stands out is likelier the product (a ratio test);
 - ``detector's choice``: the best box scoring at least the threshold (0.3), else the whole photo
   (the pipeline's policy before best match, and still the catalog images' region);
 - ``best box``: the best box at any score (down to ``AP_SCORE_THRESHOLD``), else the whole photo;
@@ -40,11 +42,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from embed.image_io import load_rgb  # noqa: E402
-from embed.pipeline import QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
+from embed.pipeline import MATCH_SCORE_WEIGHT, QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
 from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, answering_vectors, box_iou, ranked_products  # noqa: E402
 from train.sample_data import build_sample_set  # noqa: E402
 
-POLICIES = ("best match", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
+POLICIES = ("best match", "best match + gap", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
+GAP_WEIGHT = 1.0  # "best match + gap": merit + this x (best product score - runner-up product score)
 DETECT_BATCH = 16
 
 
@@ -87,6 +90,7 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     queries = [QueryEmbedding(im.size, r, candidates[e - len(r):e]) for im, r, e in zip(photos, regions, ends)]
     policies = {
         "best match": (answering_vectors(queries, cat), cat),
+        "best match + gap": (gap_answering_vectors(queries, cat, data.catalog_products), cat),
         "detector's choice": (default, cat),
         "best box": (box, cat),
         "box + whole": (np.where(confident[:, None], box, normalised(box + whole)), cat),
@@ -97,6 +101,21 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     top_iou = np.array([box_iou(d.boxes[:1], np.array([b]))[0, 0] if len(d) else 0.0 for d, b in zip(found, data.query_boxes)])
     return {"policies": result, "below_threshold": int((~confident).sum()), "threshold": threshold,
             "top_box_hit": float(np.mean(top_iou >= 0.5))}
+
+
+def gap_answering_vectors(queries: list[QueryEmbedding], catalog: np.ndarray, catalog_products: list[str]) -> np.ndarray:
+    """Like ``answering_vectors``, with the distinctiveness of each region's best product added to its merit."""
+    _, owner = np.unique(np.array(catalog_products), return_inverse=True)
+    chosen = []
+    for q in queries:
+        product_scores = np.full((len(q.vectors), owner.max() + 1), -np.inf)
+        for row, sims in zip(product_scores, q.vectors @ catalog.T):
+            np.maximum.at(row, owner, sims)
+        best_two = -np.sort(-product_scores, axis=1)[:, :2]
+        gap = best_two[:, 0] - best_two[:, 1] if best_two.shape[1] > 1 else np.zeros(len(best_two))
+        merit = best_two[:, 0] + GAP_WEIGHT * gap + MATCH_SCORE_WEIGHT * np.array([r.score for r in q.regions])
+        chosen.append(q.vectors[int(np.argmax(merit))])
+    return np.stack(chosen)
 
 
 def main() -> int:
