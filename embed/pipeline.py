@@ -188,8 +188,8 @@ class QueryEmbedding:
     def choose(self, top_scores) -> int:
         """The region to answer with: the highest best-search-score plus ``MATCH_SCORE_WEIGHT`` x detector score.
 
-        ``top_scores[i]``: the best search score of ``vectors[i]`` (``-inf`` or NaN when its search
-        found nothing). Ties go to the earlier region, so with one region, or none found, it is 0.
+        ``top_scores[i]``: the best search score of ``vectors[i]`` as a cosine (:func:`as_cosine`;
+        ``-inf`` or NaN when its search found nothing). Ties go to the earlier region, so with one region, or none found, it is 0.
         """
         top = np.asarray(top_scores, dtype=np.float64).reshape(-1)
         if len(top) != len(self.regions):
@@ -205,6 +205,13 @@ class QueryEmbedding:
     def region(self, index: int) -> dict:
         """The HTTP response's ``region``: the region whose results are returned."""
         return {**region_dict(self.regions[index]), "source": "detector" if self.regions[index].from_detector else "whole_image"}
+
+
+def as_cosine(score: float, higher_is_better: bool) -> float:
+    """A search score of unit vectors as a cosine: an ``ip`` index's as is, an ``l2`` index's squared
+    distance d as 1 - d / 2 (|a - b|^2 = 2 - 2 cos for unit a, b), so :meth:`QueryEmbedding.choose`
+    weighs both alike."""
+    return float(score) if higher_is_better else 1.0 - float(score) / 2.0
 
 
 def region_dict(region: Region) -> dict:

@@ -418,7 +418,10 @@ class SearchService:
         all_scores, all_ids, partial = self._search(live, vectors, fetch, category)
         row = 0
         if choose is not None and len(vectors) > 1:
-            row = choose([s[0] if len(s) and i[0] >= 0 else -np.inf for s, i in zip(all_scores, all_ids)])
+            from embed.pipeline import as_cosine
+
+            row = choose([as_cosine(s[0], live.higher_is_better) if len(s) and i[0] >= 0 else -np.inf
+                          for s, i in zip(all_scores, all_ids)])
         scores, ids, vector = all_scores[row], all_ids[row], vectors[row]
         while True:
             with self._stage("join"):

@@ -7,7 +7,15 @@ from PIL import Image
 from skimage import data
 
 from embed.detector import Detections, ProductDetector
-from embed.pipeline import QueryEmbedding, QueryPipeline, Region, crop_with_margin, load_embedder, load_pipeline
+from embed.pipeline import (
+    QueryEmbedding,
+    QueryPipeline,
+    Region,
+    as_cosine,
+    crop_with_margin,
+    load_embedder,
+    load_pipeline,
+)
 from imgsearch.errors import BadInput
 
 torch.set_num_threads(2)
@@ -114,3 +122,10 @@ def test_choose_weighs_the_search_score_with_the_detector_score():
     assert query.region(1) == {"box": [1.0, 1.0, 5.0, 5.0], "score": 0.1, "source": "detector"}
     assert query.region(2)["source"] == "whole_image"
     assert [d["score"] for d in query.detections()] == [0.6, 0.1]
+
+
+def test_as_cosine_maps_squared_l2_distances_of_unit_vectors_to_cosines():
+    rng = np.random.default_rng(0)
+    a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 16)))
+    assert as_cosine(float(np.sum((a - b) ** 2)), higher_is_better=False) == pytest.approx(float(a @ b), abs=1e-6)
+    assert as_cosine(0.25, higher_is_better=True) == 0.25

@@ -257,13 +257,13 @@ class TwoRegionPipeline:
         return colour_embed(images)
 
 
-@pytest.mark.parametrize("batch_window_ms", [0.0, 2.0])
-def test_a_photo_is_answered_by_its_best_matching_region(catalog_env, tmp_path, batch_window_ms):
+@pytest.mark.parametrize(("batch_window_ms", "metric"), [(0.0, "ip"), (2.0, "ip"), (0.0, "l2")])
+def test_a_photo_is_answered_by_its_best_matching_region(catalog_env, tmp_path, batch_window_ms, metric):
     root, _, _ = catalog_env
     store_path, index_root = tmp_path / "store", tmp_path / "index"  # the module's store is open in this process
     with CatalogStore.create_or_open(store_path, dim=DIM, vector_dtype="float32") as store:
         ingest_catalog(root / "catalog.csv", store, colour_embed, progress=False)
-        build_version(store_source(store), str(index_root), factory="auto")
+        build_version(store_source(store, metric=metric), str(index_root), factory="auto")
     product_vector = colour_embed([Image.open(root / "p13_0.png").convert("RGB")])[0]
     service = SearchService(index_root, store_path, embedder=TwoRegionPipeline(product_vector), batch_window_ms=batch_window_ms)
     assert service.load_current() is not None
@@ -273,5 +273,7 @@ def test_a_photo_is_answered_by_its_best_matching_region(catalog_env, tmp_path, 
         "/v1/search", data={"image": (io.BytesIO(photo.getvalue()), "q.png"), "k": "3"}, content_type="multipart/form-data").get_json()
     # The lower box matches exactly (1.0 + 0.5 x 0.1); the detector's choice matches nothing (< 0 + 0.5 x 0.35).
     assert body["region"] == {"box": [5.0, 5.0, 20.0, 25.0], "score": 0.1, "source": "detector"}
-    assert body["results"][0]["product_id"] == "prod-13" and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # An l2 index answers in squared distances (lower is better): the choice must not pick the worst region.
+    exact = 1.0 if metric == "ip" else 0.0
+    assert body["results"][0]["product_id"] == "prod-13" and body["results"][0]["score"] == pytest.approx(exact, abs=1e-4)
     assert [d["score"] for d in body["detections"]] == [0.35, 0.1]
