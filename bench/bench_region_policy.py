@@ -84,10 +84,7 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     cat = embed(catalog)
     cat_tta = normalised(cat + embed(mirrored(catalog)))
     # The pipeline's own candidates from the same detections, answered as the server answers.
-    regions = [pipeline.regions_of(im, d) for im, d in zip(photos, found)]
-    candidates = embed([crop for im, r in zip(photos, regions) for crop in pipeline.crops(im, r)])
-    ends = np.cumsum([len(r) for r in regions])
-    queries = [QueryEmbedding(im.size, r, candidates[e - len(r):e]) for im, r, e in zip(photos, regions, ends)]
+    queries = pipeline.embed_regions(photos, [pipeline.regions_of(im, d) for im, d in zip(photos, found)])
     policies = {
         "best match": (answering_vectors(queries, cat), cat),
         "best match + gap": (gap_answering_vectors(queries, cat, data.catalog_products), cat),

@@ -188,7 +188,7 @@ class QueryEmbedding:
     def choose(self, top_scores) -> int:
         """The region to answer with: the highest best-search-score plus ``MATCH_SCORE_WEIGHT`` x detector score.
 
-        ``top_scores[i]``: the best search score of ``vectors[i]`` as a cosine (:func:`as_cosine`;
+        ``top_scores[i]``: the best search score of ``vectors[i]`` as a cosine (:func:`best_cosines`;
         ``-inf`` or NaN when its search found nothing). Ties go to the earlier region, so with one region, or none found, it is 0.
         """
         top = np.asarray(top_scores, dtype=np.float64).reshape(-1)
@@ -207,11 +207,15 @@ class QueryEmbedding:
         return {**region_dict(self.regions[index]), "source": "detector" if self.regions[index].from_detector else "whole_image"}
 
 
-def as_cosine(score: float, higher_is_better: bool) -> float:
-    """A search score of unit vectors as a cosine: an ``ip`` index's as is, an ``l2`` index's squared
-    distance d as 1 - d / 2 (|a - b|^2 = 2 - 2 cos for unit a, b), so :meth:`QueryEmbedding.choose`
-    weighs both alike."""
-    return float(score) if higher_is_better else 1.0 - float(score) / 2.0
+def best_cosines(scores: np.ndarray, ids: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Per row of a search answer (scores, ids: (m, k), best first, -1 padded), its best hit's score
+    as a cosine, ``-inf`` when the row found nothing: :meth:`QueryEmbedding.choose`'s input.
+
+    An ``ip`` index's score is the cosine of unit vectors; an ``l2`` index's squared distance d
+    becomes 1 - d / 2 (|a - b|^2 = 2 - 2 cos for unit a, b), so both metrics weigh alike.
+    """
+    top = np.asarray(scores, dtype=np.float64)[:, 0]
+    return np.where(np.asarray(ids)[:, 0] >= 0, top if higher_is_better else 1.0 - top / 2.0, -np.inf)
 
 
 def region_dict(region: Region) -> dict:
@@ -306,14 +310,14 @@ class QueryPipeline:
         decoded = [load_rgb(src, _image_name(src, i)) for i, src in enumerate(images)]
         with stage("detect"):
             all_regions = self.regions(decoded, candidates)
-        crops = [crop for image, regions in zip(decoded, all_regions) for crop in self.crops(image, regions)]
+        return self.embed_regions(decoded, all_regions, stage)
+
+    def embed_regions(self, images: list[Image.Image], all_regions: list[list[Region]], stage=_untimed) -> list[QueryEmbedding]:
+        """Crop every image's regions and embed them in one batched pass."""
+        crops = [crop for image, regions in zip(images, all_regions) for crop in self.crops(image, regions)]
         with stage("embed"):
             vectors = self.embedder.embed(crops)
-        results, start = [], 0
-        for image, regions in zip(decoded, all_regions):
-            results.append(QueryEmbedding(image.size, regions, vectors[start : start + len(regions)]))
-            start += len(regions)
-        return results
+        return query_embeddings(images, all_regions, vectors)
 
     def embed_catalog(self, images: list[ImageSource]) -> np.ndarray:
         """One vector per catalog image: its best region's. Usable as ``ingest_catalog``'s ``embed_fn``."""
@@ -323,6 +327,15 @@ class QueryPipeline:
             for i, query in enumerate(self.embed_queries(images[start : start + step], candidates=False)):
                 out[start + i] = query.best
         return out
+
+
+def query_embeddings(images: list[Image.Image], all_regions: list[list[Region]], vectors: np.ndarray) -> list[QueryEmbedding]:
+    """Vectors embedded for every image's regions in order, dealt back to their images."""
+    results, start = [], 0
+    for image, regions in zip(images, all_regions):
+        results.append(QueryEmbedding(image.size, regions, vectors[start : start + len(regions)]))
+        start += len(regions)
+    return results
 
 
 def detector_runtime_for(embedder_runtime: str) -> str:

@@ -105,7 +105,7 @@ def _search_images(args) -> int:
     embed path as the server, results of the region that matches best, every detection listed."""
     import time
 
-    from embed.pipeline import as_cosine, load_pipeline
+    from embed.pipeline import best_cosines, load_pipeline
     from index.searcher import open_index
 
     pipeline = load_pipeline(getattr(args, "model", None))
@@ -123,8 +123,7 @@ def _search_images(args) -> int:
             raise BadInput(f"the model makes {query.vectors.shape[-1]}-d vectors, version {idx.version} holds {idx.dim}-d")
         # Several images may share a product: fetch extra, keep each product's best image.
         scores, ids = idx.search(query.vectors.astype(np.float32), min(4 * args.k, 10_000))
-        higher_is_better = idx.manifest.get("metric") == "ip"
-        chosen = query.choose([as_cosine(s[0], higher_is_better) if i[0] >= 0 else -np.inf for s, i in zip(scores, ids)])
+        chosen = query.choose(best_cosines(scores, ids, higher_is_better=idx.manifest.get("metric") == "ip"))
         results = _join(store, scores[chosen], ids[chosen], args.k)
         print(json.dumps({"query": image, "index_version": idx.version,
                           "took_ms": round(1000 * (time.perf_counter() - t0), 3),

@@ -42,15 +42,11 @@ def embed_prepared(pipeline, queries: list[PreparedQuery], stage=lambda name: nu
         return pipeline.embed_queries([q.image for q in queries], stage=stage)
     import torch
 
-    from embed.pipeline import QueryEmbedding
+    from embed.pipeline import query_embeddings
 
     batch = torch.cat([q.tensor for q in queries])
     step = getattr(pipeline.embedder, "batch_size", 32)  # bounds the network's activation memory
     with stage("embed"):
         vectors = torch.cat([torch.from_numpy(pipeline.embedder.embed_tensor(batch[a:a + step]))
                              for a in range(0, len(batch), step)]).numpy()
-    out, start = [], 0
-    for q in queries:
-        out.append(QueryEmbedding(q.image.size, q.regions, vectors[start:start + len(q.regions)]))
-        start += len(q.regions)
-    return out
+    return query_embeddings([q.image for q in queries], [q.regions for q in queries], vectors)

@@ -418,10 +418,9 @@ class SearchService:
         all_scores, all_ids, partial = self._search(live, vectors, fetch, category)
         row = 0
         if choose is not None and len(vectors) > 1:
-            from embed.pipeline import as_cosine
+            from embed.pipeline import best_cosines
 
-            row = choose([as_cosine(s[0], live.higher_is_better) if len(s) and i[0] >= 0 else -np.inf
-                          for s, i in zip(all_scores, all_ids)])
+            row = choose(best_cosines(all_scores, all_ids, live.higher_is_better))
         scores, ids, vector = all_scores[row], all_ids[row], vectors[row]
         while True:
             with self._stage("join"):

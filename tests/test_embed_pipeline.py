@@ -11,7 +11,7 @@ from embed.pipeline import (
     QueryEmbedding,
     QueryPipeline,
     Region,
-    as_cosine,
+    best_cosines,
     crop_with_margin,
     load_embedder,
     load_pipeline,
@@ -124,8 +124,11 @@ def test_choose_weighs_the_search_score_with_the_detector_score():
     assert [d["score"] for d in query.detections()] == [0.6, 0.1]
 
 
-def test_as_cosine_maps_squared_l2_distances_of_unit_vectors_to_cosines():
+def test_best_cosines_maps_squared_l2_distances_of_unit_vectors_to_cosines():
     rng = np.random.default_rng(0)
     a, b = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 16)))
-    assert as_cosine(float(np.sum((a - b) ** 2)), higher_is_better=False) == pytest.approx(float(a @ b), abs=1e-6)
-    assert as_cosine(0.25, higher_is_better=True) == 0.25
+    squared = float(np.sum((a - b) ** 2))
+    assert best_cosines(np.array([[squared, 3.0]]), np.array([[4, 5]]), higher_is_better=False)[0] == pytest.approx(float(a @ b), abs=1e-6)
+    assert best_cosines(np.array([[0.25, 0.1]]), np.array([[4, 5]]), higher_is_better=True)[0] == 0.25
+    # A row whose search found nothing never wins the choice.
+    assert best_cosines(np.array([[0.9], [0.0]]), np.array([[7], [-1]]), higher_is_better=True).tolist() == [0.9, -np.inf]

@@ -190,18 +190,12 @@ def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD)
     the recall and the AP measurement.
     """
     from embed.image_io import load_rgb
-    from embed.pipeline import QueryEmbedding
 
     decoded = [load_rgb(im) for im in images]
     found: list = [None] * len(decoded)
     if pipeline.detector is not None:
         found = pipeline.detector.detect(decoded, min(ap_threshold, pipeline.candidate_threshold, pipeline.keep_threshold))
-    regions = [pipeline.regions_of(image, dets) for image, dets in zip(decoded, found)]
-    vectors = pipeline.embedder.embed([crop for image, r in zip(decoded, regions) for crop in pipeline.crops(image, r)])
-    queries, start = [], 0
-    for image, r in zip(decoded, regions):
-        queries.append(QueryEmbedding(image.size, r, vectors[start : start + len(r)]))
-        start += len(r)
+    queries = pipeline.embed_regions(decoded, [pipeline.regions_of(image, dets) for image, dets in zip(decoded, found)])
     if pipeline.detector is None:
         return queries, None
     return queries, [(d.boxes[d.scores >= ap_threshold], d.scores[d.scores >= ap_threshold]) for d in found]
