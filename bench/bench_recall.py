@@ -9,7 +9,9 @@ the catalog is all catalog shots (train and eval products).
     python bench/bench_recall.py --checkpoint A.ckpt ... # measure existing checkpoints only
 
 Rows per checkpoint: without detection (whole query photo), with detection
-and the catalog embedded whole, with detection on the catalog too.
+and the catalog embedded whole, and with detection on the catalog too
+(``catalog detect``: the catalog as ``imgsearch embed`` ingests it, the path
+the product serves).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ def main() -> int:
     parser.add_argument("--checkpoint", nargs="*", default=None, help="checkpoints to measure (default: train one per loss)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--fashion-mnist", type=int, default=2000, help="test images for category P@1 (0 to skip)")
-    parser.add_argument("--catalog-detect", action="store_true", help="also embed the catalog through the detector")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sample = build_sample_set(args.sample, seed=0, progress=False)
@@ -83,9 +84,9 @@ def main() -> int:
         trained = load_pipeline(path, device="cpu")
         rows.append(_row(name, QueryPipeline(trained.embedder, None), data, "whole"))
         rows.append(_row(name, trained, data, "whole"))
-        if args.catalog_detect:
+        if trained.detector is not None:
             rows.append(_row(name, trained, data, "detect"))
-        _print(rows[-3 if args.catalog_detect else -2 :])
+        _print(rows[-3 if trained.detector is not None else -2 :])
         if path in train_seconds:
             print(f"train time {name}: {train_seconds[path]:.0f} s", flush=True)
 

@@ -1,12 +1,13 @@
 """Which region of a query photo to embed: held-out R@1 / R@10 of region policies, per checkpoint.
 
 ``QueryPipeline`` embeds candidate regions of a query photo (the detector's best boxes down to
-``CANDIDATE_THRESHOLD`` and the whole photo) and answers with the one that matches the catalog
-best. This measures that policy against alternatives on the same detections and vectors, so only
+``CANDIDATE_THRESHOLD``, the union of the two best, and the whole photo) and answers with the one
+that matches the catalog best. This measures that policy against alternatives on the same detections and vectors, so only
 the policy differs between columns:
 
 - ``best match``: the pipeline's policy, :meth:`embed.pipeline.QueryEmbedding.choose`: the
   candidate whose nearest catalog shot is closest, plus ``MATCH_SCORE_WEIGHT`` x its detector score;
+- ``best match, no merge``: the same without the merged box (``merge_boxes=False``);
 - ``best match + gap``: the same, plus ``GAP_WEIGHT`` x (its best product's score - its runner-up
   product's score): a region whose best match stands out is likelier the product (a ratio test);
 - ``detector's choice``: the best box scoring at least the threshold (0.3), else the whole photo
@@ -21,10 +22,11 @@ the policy differs between columns:
 It also lists the photos each checkpoint misses at R@10, so misses shared by every model stand
 out. Queries are the sample set's held-out shopper photos, or with ``--dev N`` N new photos per
 held-out product (:func:`train.sample_data.dev_queries`), the set to choose settings on so that
-the eval queries stay unseen by the choice. The catalog is every catalog shot, embedded whole
-(``evaluate_pipeline``'s ``catalog_mode="whole"``).
+the eval queries stay unseen by the choice. The catalog is every catalog shot, embedded as
+``imgsearch embed`` ingests it (through the detector; ``--catalog detect``, the default) or whole
+(``--catalog whole``), as ``evaluate_pipeline``'s ``catalog_mode``.
 
-    .venv/bin/python bench/bench_region_policy.py A.ckpt [B.ckpt ...] [--sample DIR] [--dev 6]
+    .venv/bin/python bench/bench_region_policy.py A.ckpt [B.ckpt ...] [--sample DIR] [--dev 6] [--catalog whole]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from embed.pipeline import MATCH_SCORE_WEIGHT, QueryEmbedding, crop_with_margin,
 from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, answering_vectors, box_iou, ranked_products  # noqa: E402
 from train.sample_data import build_sample_set  # noqa: E402
 
-POLICIES = ("best match", "best match + gap", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
+POLICIES = ("best match", "best match, no merge", "best match + gap", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
 GAP_WEIGHT = 1.0  # "best match + gap": merit + this x (best product score - runner-up product score)
 DETECT_BATCH = 16
 
@@ -67,7 +69,8 @@ def hits(queries: np.ndarray, catalog: np.ndarray, data: RetrievalSet) -> tuple[
     return top1, top10
 
 
-def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], catalog: list[Image.Image]) -> dict:
+def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], catalog: list[Image.Image],
+            catalog_mode: str = "detect") -> dict:
     pipeline = load_pipeline(checkpoint, device="cpu")
     if pipeline.detector is None:
         raise SystemExit(f"{checkpoint} has no trained detector: there is no region to choose")
@@ -81,12 +84,16 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     default = np.where(confident[:, None], box, whole)
     default_regions = [b if ok else p for b, p, ok in zip(boxes, photos, confident)]
     default_mirror = embed(mirrored(default_regions))
-    cat = embed(catalog)
-    cat_tta = normalised(cat + embed(mirrored(catalog)))
+    embed_catalog = pipeline.embed_catalog if catalog_mode == "detect" else embed
+    cat = embed_catalog(catalog)
+    cat_tta = normalised(cat + embed_catalog(mirrored(catalog)))
     # The pipeline's own candidates from the same detections, answered as the server answers.
     queries = pipeline.embed_regions(photos, [pipeline.regions_of(im, d) for im, d in zip(photos, found)])
+    pipeline.merge_boxes = False
+    unmerged = pipeline.embed_regions(photos, [pipeline.regions_of(im, d) for im, d in zip(photos, found)])
     policies = {
         "best match": (answering_vectors(queries, cat), cat),
+        "best match, no merge": (answering_vectors(unmerged, cat), cat),
         "best match + gap": (gap_answering_vectors(queries, cat, data.catalog_products), cat),
         "detector's choice": (default, cat),
         "best box": (box, cat),
@@ -121,6 +128,8 @@ def main() -> int:
     parser.add_argument("--sample", default=None, help="sample set folder (default: the benchmarks' full sample set)")
     parser.add_argument("--dev", type=int, default=None, metavar="N",
                         help="measure on N new photos per held-out product instead of the eval queries")
+    parser.add_argument("--catalog", choices=["detect", "whole"], default="detect",
+                        help="embed the catalog through the detector as `imgsearch embed` does (default), or whole")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,12 +144,13 @@ def main() -> int:
     photos = [load_rgb(p) for p in data.query_images]
     catalog = [load_rgb(p) for p in data.catalog_images]
     kind = f"dev photos ({args.dev} per product)" if args.dev else "eval queries"
-    print(f"{len(photos)} {kind} of {len(set(data.query_products))} held-out products; catalog {len(catalog)} shots\n")
+    print(f"{len(photos)} {kind} of {len(set(data.query_products))} held-out products; catalog {len(catalog)} shots, "
+          f"embedded {'through the detector' if args.catalog == 'detect' else 'whole'}\n")
     print("| checkpoint | top box IoU >= 0.5 | photos under the threshold | " + " | ".join(f"{p} R@1 / R@10" for p in POLICIES) + " |")
     print("|---|---|---|" + "---|" * len(POLICIES))
     misses = {}
     for checkpoint in args.checkpoints:
-        m = measure(checkpoint, data, photos, catalog)
+        m = measure(checkpoint, data, photos, catalog, args.catalog)
         cells = [f"{t1.mean():.3f} / {t10.mean():.3f}" for t1, t10 in (m["policies"][p] for p in POLICIES)]
         print(f"| {checkpoint} | {m['top_box_hit']:.3f} | {m['below_threshold']} (< {m['threshold']}) | " + " | ".join(cells) + " |",
               flush=True)

@@ -6,11 +6,13 @@ detector finds nothing above its threshold, or there is no trained detector,
 the whole image is the region.
 
 A query photo also embeds candidate regions: the detector's best boxes down to
-``CANDIDATE_THRESHOLD`` and the whole photo. The search then answers with the
-region that matches the catalog best (:meth:`QueryEmbedding.choose`): a shopper
-photo always shows a catalog product, so a region whose nearest catalog item is
-close is likely the product, and a box the detector was unsure of still counts.
-A catalog image has no catalog to ask, so it keeps the detector's choice.
+``CANDIDATE_THRESHOLD``, the union of its two best (a product the detector split
+in parts, such as a parachute and its jumper, is whole there) and the whole photo.
+The search then answers with the region that matches the catalog best
+(:meth:`QueryEmbedding.choose`): a shopper photo always shows a catalog product,
+so a region whose nearest catalog item is close is likely the product, and a box
+the detector was unsure of still counts. A catalog image has no catalog to ask,
+so it keeps the detector's choice.
 """
 
 from __future__ import annotations
@@ -155,13 +157,28 @@ def load_detector(checkpoint: str | os.PathLike | Checkpoint) -> ProductDetector
     return detector.eval()
 
 
+DETECTOR, MERGED, WHOLE_IMAGE = "detector", "merged", "whole_image"  # where a region comes from
+
+
 @dataclass
 class Region:
-    """A region that was embedded: ``box`` x1, y1, x2, y2 in original-image pixels."""
+    """A region that was embedded: ``box`` x1, y1, x2, y2 in original-image pixels.
+
+    ``source``: ``DETECTOR`` (a detector box and its score), ``MERGED`` (the union of the detector's
+    two best boxes, scored their mean) or ``WHOLE_IMAGE`` (the whole image, score 0.0).
+    """
 
     box: tuple[float, float, float, float]
     score: float
-    from_detector: bool  # False: the whole-image fallback (its score is 0.0)
+    source: str = DETECTOR
+
+    def __post_init__(self):
+        if self.source not in (DETECTOR, MERGED, WHOLE_IMAGE):
+            raise BadInput(f"region source must be {DETECTOR!r}, {MERGED!r} or {WHOLE_IMAGE!r}, got {self.source!r}")
+
+    @property
+    def whole_image(self) -> bool:
+        return self.source == WHOLE_IMAGE
 
 
 @dataclass
@@ -169,7 +186,8 @@ class QueryEmbedding:
     """One photo's regions and their vectors (``vectors[i]`` belongs to ``regions[i]``).
 
     ``regions[0]`` is the detector's choice: its best box at or above the threshold, else the
-    whole image. Query photos carry further candidates after it (lower boxes, the whole image).
+    whole image. Query photos carry further candidates after it (lower boxes, the two best merged,
+    the whole image).
     """
 
     image_size: tuple[int, int]
@@ -178,7 +196,7 @@ class QueryEmbedding:
 
     @property
     def fallback(self) -> bool:
-        return not self.regions[0].from_detector
+        return self.regions[0].whole_image
 
     @property
     def best(self) -> np.ndarray:
@@ -199,12 +217,12 @@ class QueryEmbedding:
 
     def detections(self) -> list[dict]:
         """The HTTP response's ``detections`` list: the detector's boxes that were embedded, best first."""
-        boxes = sorted((r for r in self.regions if r.from_detector), key=lambda r: -r.score)
+        boxes = sorted((r for r in self.regions if r.source == DETECTOR), key=lambda r: -r.score)
         return [region_dict(r) for r in boxes]
 
     def region(self, index: int) -> dict:
         """The HTTP response's ``region``: the region whose results are returned."""
-        return {**region_dict(self.regions[index]), "source": "detector" if self.regions[index].from_detector else "whole_image"}
+        return {**region_dict(self.regions[index]), "source": self.regions[index].source}
 
 
 def best_cosines(scores: np.ndarray, ids: np.ndarray, higher_is_better: bool) -> np.ndarray:
@@ -216,6 +234,13 @@ def best_cosines(scores: np.ndarray, ids: np.ndarray, higher_is_better: bool) ->
     """
     top = np.asarray(scores, dtype=np.float64)[:, 0]
     return np.where(np.asarray(ids)[:, 0] >= 0, top if higher_is_better else 1.0 - top / 2.0, -np.inf)
+
+
+def merged_region(a: Region, b: Region) -> Region:
+    """The smallest box holding both, scored their mean (the merit's detector term: neither box's
+    confidence alone vouches for the pair)."""
+    box = (min(a.box[0], b.box[0]), min(a.box[1], b.box[1]), max(a.box[2], b.box[2]), max(a.box[3], b.box[3]))
+    return Region(box, (a.score + b.score) / 2.0, MERGED)
 
 
 def region_dict(region: Region) -> dict:
@@ -244,11 +269,13 @@ class QueryPipeline:
     ``detector=None`` (no trained detector) embeds whole images. ``max_regions``
     caps the detector boxes per query photo; ``score_threshold`` (default: the
     detector's) is the detector's own choice's floor, ``candidate_threshold`` the
-    floor of the further candidate boxes.
+    floor of the further candidate boxes. ``merge_boxes`` adds the union of the
+    two best candidate boxes as one more query candidate.
     """
 
     def __init__(self, embedder: Embedder, detector: ProductDetector | None = None, *, margin: float = 0.10,
-                 max_regions: int = 3, score_threshold: float | None = None, candidate_threshold: float = CANDIDATE_THRESHOLD):
+                 max_regions: int = 3, score_threshold: float | None = None, candidate_threshold: float = CANDIDATE_THRESHOLD,
+                 merge_boxes: bool = True):
         if not 0.0 <= margin <= 1.0:
             raise BadInput(f"margin must be in [0, 1], got {margin!r}")
         if max_regions < 1:
@@ -261,6 +288,7 @@ class QueryPipeline:
         self.max_regions = max_regions
         self.score_threshold = score_threshold
         self.candidate_threshold = candidate_threshold
+        self.merge_boxes = merge_boxes
 
     @property
     def model_hash(self) -> str:
@@ -291,19 +319,22 @@ class QueryPipeline:
 
     def regions_of(self, image: Image.Image, dets, candidates: bool = True) -> list[Region]:
         """:meth:`regions` for one image from its detections (best first, any floor: lower ones are dropped)."""
-        whole = Region((0.0, 0.0, float(image.width), float(image.height)), 0.0, False)
+        whole = Region((0.0, 0.0, float(image.width), float(image.height)), 0.0, WHOLE_IMAGE)
         if dets is None:
             return [whole]
         keep, floor = self.keep_threshold, self._floor(candidates)
-        boxes = [Region(tuple(float(v) for v in box), float(score), True)
+        boxes = [Region(tuple(float(v) for v in box), float(score), DETECTOR)
                  for box, score in zip(dets.boxes[: self.max_regions], dets.scores[: self.max_regions]) if score >= floor]
         chosen = boxes[0] if boxes and boxes[0].score >= keep else whole
         if not candidates:
             return [chosen]
-        return [chosen] + [r for r in boxes + [whole] if r is not chosen]
+        merged = [merged_region(boxes[0], boxes[1])] if self.merge_boxes and len(boxes) >= 2 else []
+        # Holding only the best box, the union is its crop at a lower score: it could never be chosen.
+        merged = [m for m in merged if m.box != boxes[0].box]
+        return [chosen] + [r for r in boxes + merged + [whole] if r is not chosen]
 
     def crops(self, image: Image.Image, regions: list[Region]) -> list[Image.Image]:
-        return [image if not r.from_detector else crop_with_margin(image, r.box, self.margin) for r in regions]
+        return [image if r.whole_image else crop_with_margin(image, r.box, self.margin) for r in regions]
 
     def embed_queries(self, images: list[ImageSource], stage=_untimed, candidates: bool = True) -> list[QueryEmbedding]:
         """``stage(name)`` is a context manager timing each step (the server's Prometheus timers)."""

@@ -8,6 +8,9 @@ from skimage import data
 
 from embed.detector import Detections, ProductDetector
 from embed.pipeline import (
+    DETECTOR,
+    MERGED,
+    WHOLE_IMAGE,
     QueryEmbedding,
     QueryPipeline,
     Region,
@@ -59,13 +62,15 @@ def test_an_untrained_detector_falls_back_to_the_whole_image(embedder, detector,
 def test_several_detections_give_several_vectors_best_first(embedder, detector, photos):
     pipeline = QueryPipeline(embedder, detector, score_threshold=0.0, max_regions=3)
     for image, result in zip(photos, pipeline.embed_queries(photos)):
-        # Three boxes, then the whole image as one more candidate.
-        assert not result.fallback and len(result.regions) == 4 and not result.regions[-1].from_detector
-        assert result.vectors.shape == (4, 128)
+        # Three boxes, the two best merged (unless the best holds the second), then the whole image.
+        sources = [r.source for r in result.regions]
+        assert not result.fallback and sources in ([DETECTOR] * 3 + [MERGED, WHOLE_IMAGE], [DETECTOR] * 3 + [WHOLE_IMAGE])
+        assert result.vectors.shape == (len(sources), 128)
         np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(result.vectors[-1], embedder.embed([image])[0], atol=1e-5)
         scores = [r.score for r in result.regions[:3]]
         assert scores == sorted(scores, reverse=True)
+        assert len(result.detections()) == 3
         for region in result.regions:
             x1, y1, x2, y2 = region.box
             assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
@@ -94,9 +99,11 @@ def _detections(*scores: float) -> Detections:
 
 
 @pytest.mark.parametrize(("scores", "query_scores", "catalog_scores"), [
-    ((0.8, 0.2, 0.04), [0.8, 0.2, 0.0], [0.8]),  # a confident box leads; the whole image comes last
-    ((0.2, 0.1), [0.0, 0.2, 0.1], [0.0]),  # nothing at 0.3: the whole image leads, the boxes stay candidates
-    ((0.9, 0.7, 0.6, 0.5), [0.9, 0.7, 0.6, 0.0], [0.9]),  # max_regions boxes at most
+    # A confident box leads; the two best boxes merged (scored their mean) come next, the whole image last.
+    ((0.8, 0.2, 0.04), [0.8, 0.2, 0.5, 0.0], [0.8]),
+    ((0.2, 0.1), [0.0, 0.2, 0.1, 0.15], [0.0]),  # nothing at 0.3: the whole image leads, the boxes stay candidates
+    ((0.9, 0.7, 0.6, 0.5), [0.9, 0.7, 0.6, 0.8, 0.0], [0.9]),  # max_regions boxes at most
+    ((0.9,), [0.9, 0.0], [0.9]),  # one box: nothing to merge
     ((), [0.0], [0.0]),
 ])
 def test_regions_put_the_detectors_choice_first_then_the_candidates(embedder, detector, scores, query_scores, catalog_scores):
@@ -105,12 +112,33 @@ def test_regions_put_the_detectors_choice_first_then_the_candidates(embedder, de
     dets = _detections(*scores)
     assert [r.score for r in pipeline.regions_of(image, dets)] == pytest.approx(query_scores)
     assert [r.score for r in pipeline.regions_of(image, dets, candidates=False)] == pytest.approx(catalog_scores)
-    whole = [r for r in pipeline.regions_of(image, dets) if not r.from_detector]
+    whole = [r for r in pipeline.regions_of(image, dets) if r.whole_image]
     assert [r.box for r in whole] == [(0.0, 0.0, 200.0, 100.0)]
 
 
+def test_the_two_best_boxes_merge_into_one_more_candidate(embedder, detector):
+    image = Image.new("RGB", (200, 100))
+    # A parachute and its jumper, boxed apart (boxes x1, y1, x2, y2), and a stray box.
+    dets = Detections(np.array([[50, 0, 150, 40], [80, 50, 120, 95], [0, 0, 20, 20]], np.float32),
+                      np.array([0.8, 0.4, 0.1], np.float32), np.ones(3, np.int64))
+    regions = QueryPipeline(embedder, detector).regions_of(image, dets)
+    assert [r.source for r in regions] == [DETECTOR, DETECTOR, DETECTOR, MERGED, WHOLE_IMAGE]
+    assert regions[3].box == (50.0, 0.0, 150.0, 95.0) and regions[3].score == pytest.approx(0.6)
+    query = QueryEmbedding(image.size, regions, np.zeros((5, 4), np.float32))
+    assert query.region(3) == {"box": [50.0, 0.0, 150.0, 95.0], "score": 0.6, "source": "merged"}
+    assert [d["score"] for d in query.detections()] == pytest.approx([0.8, 0.4, 0.1])  # merged is no detection
+    # The second box inside the best: their union is the best box again, at a lower score, never chosen.
+    inner = Detections(np.array([[50, 0, 150, 90], [80, 20, 120, 60]], np.float32), np.array([0.8, 0.4], np.float32),
+                       np.ones(2, np.int64))
+    assert [r.source for r in QueryPipeline(embedder, detector).regions_of(image, inner)] == [DETECTOR, DETECTOR, WHOLE_IMAGE]
+    assert MERGED not in [r.source for r in QueryPipeline(embedder, detector, merge_boxes=False).regions_of(image, dets)]
+    # The merged region is cropped with the margin like any box.
+    crops = QueryPipeline(embedder, detector, margin=0.1).crops(image, regions)
+    assert crops[3].size == (120, 100) and crops[4].size == image.size
+
+
 def test_choose_weighs_the_search_score_with_the_detector_score():
-    regions = [Region((0, 0, 9, 9), 0.6, True), Region((1, 1, 5, 5), 0.1, True), Region((0, 0, 20, 20), 0.0, False)]
+    regions = [Region((0, 0, 9, 9), 0.6), Region((1, 1, 5, 5), 0.1), Region((0, 0, 20, 20), 0.0, WHOLE_IMAGE)]
     query = QueryEmbedding((20, 20), regions, np.zeros((3, 4), dtype=np.float32))
     assert query.choose([0.50, 0.70, 0.75]) == 0  # 0.80 > 0.75 = 0.75
     assert query.choose([0.50, 0.90, 0.75]) == 1  # 0.95 beats 0.80
@@ -121,6 +149,8 @@ def test_choose_weighs_the_search_score_with_the_detector_score():
         query.choose([0.1, 0.2])
     assert query.region(1) == {"box": [1.0, 1.0, 5.0, 5.0], "score": 0.1, "source": "detector"}
     assert query.region(2)["source"] == "whole_image"
+    with pytest.raises(BadInput, match="region source must be .* got 'box'"):
+        Region((0, 0, 1, 1), 0.5, "box")
     assert [d["score"] for d in query.detections()] == [0.6, 0.1]
 
 

@@ -250,7 +250,7 @@ class TwoRegionPipeline:
     def embed_queries(self, images, stage=None):
         from embed.pipeline import QueryEmbedding, Region
 
-        regions = [Region((1.0, 2.0, 30.0, 40.0), 0.35, True), Region((5.0, 5.0, 20.0, 25.0), 0.1, True)]
+        regions = [Region((1.0, 2.0, 30.0, 40.0), 0.35), Region((5.0, 5.0, 20.0, 25.0), 0.1)]
         return [QueryEmbedding(im.size, regions, np.stack([-self.product_vector, self.product_vector])) for im in images]
 
     def embed_catalog(self, images):

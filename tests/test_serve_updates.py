@@ -35,7 +35,7 @@ class ColourPipeline:
 
     def embed_queries(self, images, stage=None):
         vectors = colour_embed(images)
-        return [QueryEmbedding(im.size, [Region((0.0, 0.0, float(im.width), float(im.height)), 0.0, False)], v[None, :])
+        return [QueryEmbedding(im.size, [Region((0.0, 0.0, float(im.width), float(im.height)), 0.0, "whole_image")], v[None, :])
                 for im, v in zip(images, vectors)]
 
     def embed_catalog(self, images):

@@ -38,6 +38,8 @@ def test_smoke_train_writes_a_checkpoint_that_load_embedder_loads(two_epochs):
     assert embedder.config.image_size == 64
     assert load_detector(path) is not None
     assert {"recall@1", "recall@10", "ap@0.5"} <= set(summary["evaluation"][0])
+    # The catalog both as clean shots and as `imgsearch embed` ingests it (through the detector).
+    assert [row["catalog"] for row in summary["evaluation"]] == ["whole", "detect"]
 
 
 def test_checkpoint_holds_model_optimisers_epoch_config_metrics_and_hash(two_epochs):

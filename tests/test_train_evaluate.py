@@ -86,7 +86,7 @@ def test_answering_vectors_take_each_querys_best_matching_region():
     from train.evaluate import answering_vectors
 
     catalog = np.eye(4, dtype=np.float32)
-    box, whole = Region((0, 0, 5, 5), 0.3, True), Region((0, 0, 9, 9), 0.0, False)
+    box, whole = Region((0, 0, 5, 5), 0.3, "detector"), Region((0, 0, 9, 9), 0.0, "whole_image")
     off = np.full(4, 0.5, dtype=np.float32)  # 0.5 from every catalog row
     near = np.array([0.0, 0.96, 0.28, 0.0], dtype=np.float32)  # 0.96 from row 1
     queries = [

@@ -23,7 +23,7 @@ from train import sample_data
 from train.engine import TrainConfig, TrainingRun, ValidationCache, ViewCache
 from train.evaluate import RetrievalSet
 from train.options import build_parser
-from train.training_data import CatalogRow, Split, product_cutout, read_catalog, resolve_split
+from train.training_data import CatalogRow, Split, product_cutout, read_catalog, resolve_split, studio_scene
 from train.views import SceneMaker, ViewMaker
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,17 @@ class TrainingData:
                 yield label, makers.shopper_view(cutout, rng, backgrounds)
 
     def scenes(self):
-        """(scene, boxes) pairs of 1-2 TRAIN products in real photos."""
+        """(scene, boxes) pairs: 1-2 TRAIN products in real photos, and (``studio_scenes`` of them) a
+        TRAIN product's own catalog shot, where the product fills the frame."""
         maker = SceneMaker()
         backgrounds = sample_data.list_backgrounds()
         rng = np.random.default_rng([self.config.seed, 0x5CE])
         first_rows = [self.rows_of(p)[0] for p in self.train_products]
         for _ in range(self.config.scenes):
+            if rng.random() < self.config.studio_scenes:
+                row = first_rows[int(rng.integers(len(first_rows)))]
+                yield studio_scene(_open_rgb(row.image), rng)
+                continue
             count = int(rng.integers(1, maker.max_products + 1))
             picks = rng.choice(len(first_rows), size=min(count, len(first_rows)), replace=False)
             cutouts = [product_cutout(first_rows[i], max_side=320) for i in picks]
@@ -140,7 +145,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         "epochs": args.epochs, "loss": args.loss, "seed": args.seed, "shopper_views": args.views, "scenes": args.scenes,
         "max_products": args.max_products, "image_size": args.image_size, "detector_image_size": args.detector_image_size,
         "detector_passes": args.detector_passes, "embed_trainable_from": args.embed_trainable_from,
-        "detector_trainable_from": args.detector_trainable_from,
+        "detector_trainable_from": args.detector_trainable_from, "studio_scenes": args.studio_scenes,
     }
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     return replace(config, detector=False) if args.no_detector else config

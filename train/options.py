@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgsearch.argtypes import positive_int
+from imgsearch.argtypes import fraction, positive_int
 
 
 def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -17,6 +17,8 @@ def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of views, scenes and batches (default 0)")
     p.add_argument("--views", type=positive_int, default=None, help="shopper views per train product (default 24)")
     p.add_argument("--scenes", type=positive_int, default=None, help="detector training scenes (default 2800)")
+    p.add_argument("--studio-scenes", type=fraction, default=None, metavar="FRACTION",
+                   help="share of the detector scenes that are train products' own catalog shots (default 0.15)")
     p.add_argument("--detector-passes", type=positive_int, default=None,
                    help="passes over the detector scenes per epoch (default 1)")
     p.add_argument("--embed-trainable-from", type=positive_int, default=None, metavar="BLOCK",

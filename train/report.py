@@ -7,9 +7,14 @@ import time
 from train.evaluate import RetrievalSet, evaluate_pipeline
 
 
-def evaluate_checkpoint(checkpoint, data: RetrievalSet, baseline: bool = True, catalog_modes=("whole",),
+def evaluate_checkpoint(checkpoint, data: RetrievalSet, baseline: bool = True, catalog_modes=("whole", "detect"),
                         progress: bool | None = None) -> list[dict]:
-    """Rows: the pretrained baseline (whole images), then the checkpoint with its detector per catalog mode."""
+    """Rows: the pretrained baseline (whole images), then the checkpoint with its detector per catalog mode.
+
+    ``detect`` embeds the catalog as ``imgsearch embed`` ingests it (through the detector): the
+    product's own path. ``whole`` embeds the clean catalog shots as they are. Without a trained
+    detector the two are the same, so only ``whole`` is measured.
+    """
     from embed.pipeline import QueryPipeline, load_embedder, load_pipeline
 
     rows = []
@@ -19,7 +24,7 @@ def evaluate_checkpoint(checkpoint, data: RetrievalSet, baseline: bool = True, c
         rows.append({"model": "pretrained, no training", "detection": False, "catalog": "whole",
                      **evaluate_pipeline(pipeline, data, "whole", progress=progress), "seconds": round(time.perf_counter() - started, 1)})
     pipeline = load_pipeline(checkpoint, device="cpu")
-    for mode in catalog_modes:
+    for mode in catalog_modes if pipeline.detector is not None else ("whole",):
         started = time.perf_counter()
         row = {"model": "trained", "detection": pipeline.detector is not None, "catalog": mode,
                **evaluate_pipeline(pipeline, data, mode, progress=progress)}

@@ -99,18 +99,38 @@ def product_cutout(row: CatalogRow, max_side: int = sample_data.SCENE_CUTOUT_MAX
         return cutout_from_studio_shot(image.convert("RGB"), max_side)
 
 
+def studio_mask(image: Image.Image) -> np.ndarray | None:
+    """Where an RGB studio shot differs from its border colour (the product), or None for a full-bleed photo."""
+    pixels = np.asarray(image, dtype=np.int16)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    mask = np.abs(pixels - np.median(border, axis=0)).max(axis=2) > BACKGROUND_TOLERANCE
+    return mask if sample_data.MIN_OPAQUE_FRACTION <= mask.mean() < 0.98 else None
+
+
+def studio_scene(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, int, int, int]]]:
+    """A catalog shot as a detector scene: the product fills the frame, as in the catalog and in close-ups.
+
+    Its box is the bounding box of :func:`studio_mask` (the whole image for a full-bleed photo); a
+    random crop that keeps the box whole varies its place and how much border surrounds it.
+    """
+    image = image.convert("RGB")
+    mask = studio_mask(image)
+    bbox = Image.fromarray((mask * 255).astype(np.uint8), "L").getbbox() if mask is not None else None
+    x1, y1, x2, y2 = bbox or (0, 0, image.width, image.height)
+    left, top = int(rng.integers(0, x1 + 1)), int(rng.integers(0, y1 + 1))
+    right, bottom = int(rng.integers(x2, image.width + 1)), int(rng.integers(y2, image.height + 1))
+    return image.crop((left, top, right, bottom)), [(x1 - left, y1 - top, x2 - left, y2 - top)]
+
+
 def cutout_from_studio_shot(image: Image.Image, max_side: int = sample_data.SCENE_CUTOUT_MAX_SIDE) -> Image.Image:
     """Alpha from "differs from the border colour": catalog shots are products on a plain light background.
 
     When too little of the picture differs (a full-bleed photo, not a studio
     shot), the whole image is the cut-out, an opaque rectangle.
     """
-    pixels = np.asarray(image, dtype=np.int16)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    mask = np.abs(pixels - background).max(axis=2) > BACKGROUND_TOLERANCE
+    mask = studio_mask(image)
     rgba = image.convert("RGBA")
-    if mask.mean() >= sample_data.MIN_OPAQUE_FRACTION and mask.mean() < 0.98:
+    if mask is not None:
         rgba.putalpha(Image.fromarray((mask * 255).astype(np.uint8), "L"))
         bbox = Image.fromarray((mask * 255).astype(np.uint8), "L").getbbox()
         rgba = rgba.crop(bbox) if bbox else rgba
