@@ -2,11 +2,13 @@
 
 Every row is measured in the same run against the baseline: the pretrained
 MobileNetV2 with the fixed projection, no training, no detection. Queries are
-the sample set's shopper photos of EVAL products (never seen in training);
+the sample set's shopper photos of EVAL products (never seen in training), or
+with ``--dev N`` N new photos per EVAL product (the set settings are chosen on);
 the catalog is all catalog shots (train and eval products).
 
     python bench/bench_recall.py                         # train both losses on demo-data/train/sample, then measure
     python bench/bench_recall.py --checkpoint A.ckpt ... # measure existing checkpoints only
+    python bench/bench_recall.py --checkpoint A.ckpt --dev 6 --fashion-mnist 0   # on dev photos
 
 Rows per checkpoint: without detection (whole query photo), with detection
 and the catalog embedded whole, and with detection on the catalog too
@@ -54,11 +56,13 @@ def main() -> int:
     parser.add_argument("--sample", default="demo-data/train/sample", help="sample set folder (built when missing)")
     parser.add_argument("--checkpoint", nargs="*", default=None, help="checkpoints to measure (default: train one per loss)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--dev", type=int, default=None, metavar="N",
+                        help="measure on N new photos per held-out product (train.sample_data.dev_queries) instead of the eval queries")
     parser.add_argument("--fashion-mnist", type=int, default=2000, help="test images for category P@1 (0 to skip)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     sample = build_sample_set(args.sample, seed=0, progress=False)
-    data = RetrievalSet.from_sample_set(sample)
+    data = RetrievalSet.from_sample_set(sample, dev_per_product=args.dev)
     checkpoints = args.checkpoint
     train_seconds: dict[str, float] = {}
     if checkpoints is None:
@@ -73,7 +77,8 @@ def main() -> int:
             train_seconds[str(out)] = time.perf_counter() - started
             checkpoints.append(str(out))
 
-    print(f"held-out queries: {len(data.query_images)} photos of {len(set(data.query_products))} eval products; "
+    kind = f"dev photos ({args.dev} per product)" if args.dev else "photos"
+    print(f"held-out queries: {len(data.query_images)} {kind} of {len(set(data.query_products))} eval products; "
           f"catalog: {len(data.catalog_images)} shots; 2 CPU threads\n")
     baseline = QueryPipeline(load_embedder(None, device="cpu"), None)
     rows = [_row("pretrained, no training (baseline)", baseline, data, "whole")]
