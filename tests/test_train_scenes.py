@@ -45,6 +45,9 @@ def test_a_full_bleed_photo_is_all_product():
 def test_studio_scenes_share_is_validated_by_the_config_and_the_cli(capsys):
     with pytest.raises(BadInput, match="studio_scenes must be in \\[0, 1\\], got 1.5"):
         TrainConfig(studio_scenes=1.5)
+    # A checkpoint's config from before the knob trained without catalog shots, and resumes so.
+    assert TrainConfig().studio_scenes == 0.15 and TrainConfig.from_dict({"epochs": 2}).studio_scenes == 0.0
+    assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
     parser = build_parser()
     assert parser.parse_args(["c.csv", "--output", "m.ckpt", "--studio-scenes", "0"]).studio_scenes == 0.0
     with pytest.raises(SystemExit):

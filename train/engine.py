@@ -100,7 +100,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        # A config saved before a knob existed was trained without what the knob adds: resuming it
+        # must not add it (a resumed run renders its scenes again).
+        saved_before = {"studio_scenes": 0.0}
+        return cls(**{**saved_before, **{k: v for k, v in data.items() if k in known}})
 
 
 def cosine_lr(base: float, epoch: int, total: int) -> float:
