@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from embed.image_io import load_rgb  # noqa: E402
-from embed.pipeline import MATCH_SCORE_WEIGHT, QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
+from embed.pipeline import MATCH_SCORE_WEIGHT, MERGED, QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
 from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, answering_vectors, box_iou, ranked_products  # noqa: E402
 from train.sample_data import build_sample_set  # noqa: E402
 
@@ -89,8 +89,7 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     cat_tta = normalised(cat + embed_catalog(mirrored(catalog)))
     # The pipeline's own candidates from the same detections, answered as the server answers.
     queries = pipeline.embed_regions(photos, [pipeline.regions_of(im, d) for im, d in zip(photos, found)])
-    pipeline.merge_boxes = False
-    unmerged = pipeline.embed_regions(photos, [pipeline.regions_of(im, d) for im, d in zip(photos, found)])
+    unmerged = [without_merged(q) for q in queries]
     policies = {
         "best match": (answering_vectors(queries, cat), cat),
         "best match, no merge": (answering_vectors(unmerged, cat), cat),
@@ -105,6 +104,12 @@ def measure(checkpoint: str, data: RetrievalSet, photos: list[Image.Image], cata
     top_iou = np.array([box_iou(d.boxes[:1], np.array([b]))[0, 0] if len(d) else 0.0 for d, b in zip(found, data.query_boxes)])
     return {"policies": result, "below_threshold": int((~confident).sum()), "threshold": threshold,
             "top_box_hit": float(np.mean(top_iou >= 0.5))}
+
+
+def without_merged(query: QueryEmbedding) -> QueryEmbedding:
+    """The candidates ``merge_boxes=False`` gives (the same regions in the same order, less the merged box)."""
+    keep = [i for i, r in enumerate(query.regions) if r.source != MERGED]
+    return QueryEmbedding(query.image_size, [query.regions[i] for i in keep], query.vectors[keep])
 
 
 def gap_answering_vectors(queries: list[QueryEmbedding], catalog: np.ndarray, catalog_products: list[str]) -> np.ndarray:

@@ -328,9 +328,11 @@ class QueryPipeline:
         chosen = boxes[0] if boxes and boxes[0].score >= keep else whole
         if not candidates:
             return [chosen]
-        merged = [merged_region(boxes[0], boxes[1])] if self.merge_boxes and len(boxes) >= 2 else []
-        # Holding only the best box, the union is its crop at a lower score: it could never be chosen.
-        merged = [m for m in merged if m.box != boxes[0].box]
+        merged = []
+        if self.merge_boxes and len(boxes) >= 2:
+            union = merged_region(boxes[0], boxes[1])
+            if union.box != boxes[0].box:  # else it is the best box's crop at a lower score: never chosen
+                merged.append(union)
         return [chosen] + [r for r in boxes + merged + [whole] if r is not chosen]
 
     def crops(self, image: Image.Image, regions: list[Region]) -> list[Image.Image]:
