@@ -13,7 +13,7 @@ STAMP = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 .PHONY: install data demo test bench lint train-demo browser clean
 
 # The stamp depends on the package metadata, so a second run with nothing changed is a no-op.
-$(STAMP): setup.cfg pyproject.toml setup.py index/_f16rerank.c
+$(STAMP): setup.cfg pyproject.toml setup.py index/ann/_f16rerank.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] >= (3, 11), sys.version' || { echo "imgsearch needs Python 3.11+"; exit 1; }
 	$(PIP) install -q --disable-pip-version-check -e '.[$(EXTRAS)]'

@@ -3,6 +3,6 @@
 from setuptools import Extension, setup
 
 setup(
-    # optional: without a compiler the install still succeeds and index.searcher re-ranks in numpy/faiss.
-    ext_modules=[Extension("index._f16rerank", ["index/_f16rerank.c"], optional=True, extra_compile_args=["-O3"])],
+    # optional: without a compiler the install still succeeds and index.ann.search re-ranks in numpy/faiss.
+    ext_modules=[Extension("index.ann._f16rerank", ["index/ann/_f16rerank.c"], optional=True, extra_compile_args=["-O3"])],
 )

@@ -12,8 +12,8 @@ HTTP, no threads and no queueing, for three stages:
    cost) or, with ``--model CKPT``, the checkpoint's via ``load_pipeline``;
 2. the embedder on ONNX Runtime: ``Embedder.embed(photos)`` (letterbox + normalise per photo,
    one network run per call);
-3. faiss search through the project's own searcher (``index.build.build_version`` with
-   ``index.factory.choose_factory``'s pick, ``index.open_index(...).search(q, k, nprobe=...)``)
+3. faiss search through the project's own searcher (``index.ann.build.build_version`` with
+   ``index.ann.factory.choose_factory``'s pick, ``index.open_index(...).search(q, k, nprobe=...)``)
    on ``--n`` synthetic 128-d vectors (``bench/datasets.py``'s Gaussian mixture, L2-normalised,
    inner product like the served embeddings), single-threaded like a server worker
    (``serve.commands.FAISS_THREADS``).
@@ -136,8 +136,8 @@ def synth_vectors(n: int, stream: int) -> np.ndarray:
 def open_search_index(n: int, factory: str):
     """An index version of ``n`` synthetic vectors built by the project's builder (cached), opened."""
     from index import open_index, versions
-    from index.build import build_version, resolve_factory
-    from index.sources import array_source
+    from index.ann.build import build_version, resolve_factory
+    from index.ann.sources import array_source
 
     choice = resolve_factory(factory, n, DIM, "ip", None)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", choice.factory).strip("_")
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=positive_int, default=32, help="query photos per network pass (default 32)")
     parser.add_argument("--queries", type=positive_int, default=256, help="query vectors per faiss pass (default 256)")
     parser.add_argument("--n", type=positive_int, default=200_000, help="synthetic vectors in the index (default 200000)")
-    parser.add_argument("--factory", default="auto", help="faiss factory string (default: index.factory.choose_factory's)")
+    parser.add_argument("--factory", default="auto", help="faiss factory string (default: index.ann.factory.choose_factory's)")
     parser.add_argument("--nprobe", type=positive_int, default=32)
     parser.add_argument("--k", type=positive_int, default=10)
     parser.add_argument("--threshold", type=float, default=None,

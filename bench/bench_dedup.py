@@ -1,6 +1,6 @@
 """Duplicate-product scans: quality on real images, and speed of the self-join at 1M vectors.
 
-``quality``: the real tuxpaint catalog shots (train.sample_data), split by product into a
+``quality``: the real tuxpaint catalog shots (imgsearch.sample_data), split by product into a
 CALIBRATION half and an EVALUATION half. In each half ~60% of the products get a planted
 near-duplicate filed under a new product id (JPEG re-encode q=25, resize to 45%, 80% crop, or a
 recolour: hue rotation + saturation/brightness change), 15% a second one; the other
@@ -12,7 +12,7 @@ code at that threshold; pair precision/recall are over product pairs. Baseline i
 ``imagehash`` pHash (64-bit), Hamming threshold calibrated the same way on the same labels.
 Verified variant in the same run (``imgsearch dedup --verify``): on the same labels, calibration
 picks a recall-oriented candidate similarity threshold and the verification threshold (largest
-image disagreement, :mod:`index.jobs.verify`) for the same target precision; the evaluation half is
+image disagreement, :mod:`embed.verify`) for the same target precision; the evaluation half is
 then scanned at the candidate threshold and only pairs confirmed on the images are kept. Each
 method reports precision/recall, recall per transform, and its worst false positives.
 
@@ -75,7 +75,7 @@ TRANSFORMS = ("jpeg_q25", "resize_45", "crop_80", "recolour")
 def make_half(folder: Path, products, seed: int):
     """Catalog CSV with originals + planted copies; returns (catalog, truth pairs, image paths by
     product, transform name by planted copy)."""
-    from train.sample_data import catalog_shot
+    from imgsearch.sample_data import catalog_shot
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,8 @@ def threshold_curve(store, index_root: str, candidate: float, truth: set,
                     thresholds=(0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3)) -> dict:
     """Precision/recall of the verified scan at other verification thresholds (same candidates;
     each candidate's lowest disagreement over its alignments), to show how sensitive it is."""
+    from embed.verify import ProductVerifier, VerifyConfig
     from index.jobs import dedup
-    from index.jobs.verify import ProductVerifier, VerifyConfig
 
     out = dedup.run_dedup(store, index_root, dedup.DedupConfig(threshold=candidate, gpu="off"), progress=False)
     verifier = ProductVerifier(store, VerifyConfig())
@@ -215,17 +215,17 @@ def _phash_bits(path) -> np.ndarray:
 
 def quality(args) -> dict:
     from embed.pipeline import load_pipeline
-    from index.build import build_version
-    from index.catalog import ingest_catalog
+    from embed.verify import ProductVerifier, VerifyConfig
+    from imgsearch.sample_data import list_products
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
     from index.jobs import dedup
-    from index.jobs.verify import ProductVerifier, VerifyConfig
-    from index.sources import store_source
     from index.store import CatalogStore
-    from train.sample_data import list_products
+    from index.store.ingest import ingest_catalog
 
     products = list_products()
     if args.products == "heldout":  # products the checkpoint never trained on
-        from train.sample_data import split_products
+        from imgsearch.sample_data import split_products
 
         held_out = set(split_products(products)[1])
         products = [p for p in products if p.product_id in held_out]
@@ -318,8 +318,8 @@ def make_vectors(n: int, d: int, seed: int, dup_fraction: float = 0.005) -> np.n
 def speed(args) -> dict:
     import faiss
 
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
     from index.store import CatalogStore, ItemRecord
 
     faiss.omp_set_num_threads(args.threads)

@@ -69,7 +69,7 @@ def plain_mobilenet_v2():
 
 
 def sample_eval_set(n_products: int):
-    from train.sample_data import build_sample_set, read_queries
+    from imgsearch.sample_data import build_sample_set, read_queries
 
     root = assets.cache_dir() / "bench" / f"sample_set_{n_products}"
     sample = build_sample_set(root, seed=0, limit_products=n_products, progress=False)

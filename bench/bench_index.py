@@ -14,7 +14,7 @@ For each dataset (see bench/datasets.py: sift, glove, embed, embed-fmnist) it me
 
 The operating point (nprobe, rerank_factor) is the one with the best measured imgsearch QPS
 among the grid points reaching the target recall on the benchmark queries (rerank_factor over
-the tuner's grid, ``index.tune.RERANK_FACTORS``); raw faiss uses the same point. Throughput is
+the tuner's grid, ``index.ann.tune.RERANK_FACTORS``); raw faiss uses the same point. Throughput is
 measured with batches of --batch queries (a server batching requests) and per-query latency
 with batch 1 on --latency-queries queries. Timing rounds interleave the methods and keep each
 one's best round (the CPU is shared). Threads: faiss/hnswlib use --threads.
@@ -45,9 +45,9 @@ import datasets  # noqa: E402
 
 K = 10
 EF_GRID = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
-# The re-rank factors the build's auto-tuner tries (index.tune, up to 64): a shorter grid here
+# The re-rank factors the build's auto-tuner tries (index.ann.tune, up to 64): a shorter grid here
 # reports "target not reached" where the library itself reaches it (embed-fmnist needs 32).
-from index.tune import RERANK_FACTORS as RF_GRID  # noqa: E402
+from index.ann.tune import RERANK_FACTORS as RF_GRID  # noqa: E402
 
 
 def recall(found: np.ndarray, gt: np.ndarray, k: int = K) -> float:
@@ -96,9 +96,9 @@ def bench_dataset(name: str, args) -> dict:
     import faiss
     import hnswlib
 
-    from index.build import build_version
-    from index.searcher import open_index
-    from index.sources import npy_source
+    from index.ann.build import build_version
+    from index.ann.search import open_index
+    from index.ann.sources import npy_source
 
     faiss.omp_set_num_threads(args.threads)
     ds = datasets.load(name)

@@ -1,14 +1,12 @@
-"""imgsearch's layer cost against raw faiss, and the searcher before/after a change, in ONE process.
+"""imgsearch's layer cost against raw faiss, in ONE process.
 
-Three searchers over the same index version, at the same (nprobe, rerank_factor):
+Two searchers over the same index version, at the same (nprobe, rerank_factor):
 
-- ``before``: ``index/searcher.py`` as of git revision --before-rev (loaded from ``git show``);
-- ``after``: the working tree's ``index.searcher``;
+- ``imgsearch``: the working tree's ``index.ann.search`` (``open_index``);
 - ``raw``: plain faiss, ``IndexRefine(shard index, IndexScalarQuantizer(QT_fp16))``, k_factor =
   rerank_factor (the same pipeline as bench_index.py's "faiss raw", float16 vectors in RAM).
 
-It first checks that before and after return identical ids and scores (batches of 256, 7, 1).
-Timing interleaves the three call by call (order alternating) and keeps, for every batch, its
+Timing interleaves the two call by call (order alternating) and keeps, for every batch, its
 fastest of --rounds calls: on a shared machine that removes most of the other jobs' noise.
 
     .venv/bin/python bench/bench_layer.py --dataset sift --nprobe 64 --rerank 8           # builds
@@ -18,10 +16,8 @@ fastest of --rounds calls: on a shared machine that removes most of the other jo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,25 +33,12 @@ import datasets  # noqa: E402
 from bench_index import recall, run_info, write_results  # noqa: E402
 
 
-def load_before(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:index/searcher.py"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="searcher-before-")) / "searcher_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("searcher_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["searcher_before"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="sift")
     ap.add_argument("--root", default=None, help="an index root built from the dataset (default: build one)")
     ap.add_argument("--nprobe", type=int, required=True)
     ap.add_argument("--rerank", type=int, required=True)
-    ap.add_argument("--before-rev", default="HEAD")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nq", type=int, default=2048)
     ap.add_argument("--batches", default="256,1")
@@ -65,21 +48,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import faiss
 
-    from index import searcher as after_mod
+    from index.ann.build import build_version
+    from index.ann.search import open_index
+    from index.ann.sources import npy_source
 
     faiss.omp_set_num_threads(args.threads)
-    before_mod = load_before(args.before_rev)
     ds = datasets.load(args.dataset)
     root, built = args.root, args.root is None
     if built:
-        from index.build import build_version
-        from index.sources import npy_source
-
         root = tempfile.mkdtemp(prefix=f"layer-{args.dataset}-")
         build_version(npy_source(str(ds.folder / "base.npy"), metric=ds.metric), root, gpu="off")
     q = np.ascontiguousarray(ds.queries[: args.nq], dtype=np.float32)
     gt = ds.gt[: args.nq, :10]
-    old, new = before_mod.open_index(root), after_mod.open_index(root)
+    new = open_index(root)
     ids = new.indexed_ids()[: int(new.manifest["shard_files"][0]["ntotal"])]  # shard file 0, row order
     raw = faiss.read_index(os.path.join(new.path, new.manifest["shard_files"][0]["index"]))
     mt = faiss.METRIC_INNER_PRODUCT if ds.metric == "ip" else faiss.METRIC_L2
@@ -92,20 +73,11 @@ def main(argv=None) -> int:
     hq = faiss.downcast_index(ivf.quantizer)
     if isinstance(hq, faiss.IndexHNSW):
         hq.hnsw.efSearch = max(2 * args.nprobe, 16)
-    fs = {"before": lambda x: old.search(x, 10, nprobe=args.nprobe, rerank_factor=args.rerank),
-          "after": lambda x: new.search(x, 10, nprobe=args.nprobe, rerank_factor=args.rerank),
+    fs = {"imgsearch": lambda x: new.search(x, 10, nprobe=args.nprobe, rerank_factor=args.rerank),
           "raw": lambda x: ref.search(x, 10)}
     res = {**run_info(), "dataset": args.dataset, "factory": new.manifest["factory"],
            "nprobe": args.nprobe, "rerank_factor": args.rerank, "threads": args.threads,
-           "before_rev": args.before_rev, "identical": {}, "batches": {}}
-    for bs in (256, 7, 1):
-        qq = q if bs != 1 else q[:200]
-        o = [old.search(qq[a:a + bs], 10, nprobe=args.nprobe, rerank_factor=args.rerank) for a in range(0, len(qq), bs)]
-        n = [new.search(qq[a:a + bs], 10, nprobe=args.nprobe, rerank_factor=args.rerank) for a in range(0, len(qq), bs)]
-        same = bool(np.array_equal(np.vstack([x[1] for x in o]), np.vstack([x[1] for x in n]))
-                    and np.array_equal(np.vstack([x[0] for x in o]), np.vstack([x[0] for x in n])))
-        res["identical"][str(bs)] = same
-        print(f"before == after (ids and scores), batch {bs}: {same}", flush=True)
+           "batches": {}}
     names = list(fs)
     for bs in [int(b) for b in args.batches.split(",")]:
         qq = q if bs > 1 else q[: args.b1_queries]

@@ -57,7 +57,7 @@ def load_avg() -> str:
 
 def query_photos(n: int) -> list[bytes]:
     """JPEG bytes of the sample set's held-out shopper photos (bench_embed's set, built on first use)."""
-    from train.sample_data import build_sample_set, read_queries
+    from imgsearch.sample_data import build_sample_set, read_queries
 
     sample = build_sample_set(assets.cache_dir() / "bench" / "sample_set_200", seed=0, limit_products=200, progress=False)
     return [Path(q["image"]).read_bytes() for q in read_queries(sample)[:n]]

@@ -1,7 +1,7 @@
 """Ray against single-process on one catalog: same outputs, and the wall time of each.
 
 The catalog is N real photos (default 10,000): the tuxpaint catalog shots of the sample
-products (train.sample_data), each drawn several times through a random shopper-ish transform
+products (imgsearch.sample_data), each drawn several times through a random shopper-ish transform
 (random crop and scale, sometimes a recolour, JPEG quality 60-95), one product per image.
 The embedder is the real default pipeline (``embed.pipeline.load_pipeline``: ImageNet
 MobileNetV2 + GeM + projection, ONNX Runtime on CPU; ``--checkpoint`` for a trained one).
@@ -55,7 +55,7 @@ def _variant(shot, rng):
 
 
 def write_catalog(folder: Path, n: int, seed: int = 0) -> Path:
-    from train.sample_data import catalog_shot, list_products
+    from imgsearch.sample_data import catalog_shot, list_products
 
     rng = np.random.default_rng(seed)
     products = list_products()
@@ -87,7 +87,7 @@ def store_content(path: Path):
 
 
 def indexed_ids(index_root: Path) -> np.ndarray:
-    from index.searcher import open_index
+    from index.ann.search import open_index
 
     idx = open_index(str(index_root))
     return np.sort(idx.indexed_ids())

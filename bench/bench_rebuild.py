@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     os.environ.setdefault("IMGSEARCH_THREADS", "2")
-    from index.jobs.synthetic import PixelEmbedder
+    from helpers.pixel_embedder import PixelEmbedder
 
     emb = PixelEmbedder(args.dim)
     work = Path(tempfile.mkdtemp(prefix="bench-rebuild-", dir=args.workdir))

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 
 from embed.checkpoint import Checkpoint  # noqa: E402
 from embed.pipeline import QueryPipeline, load_embedder, load_pipeline  # noqa: E402
+from imgsearch.sample_data import build_sample_set  # noqa: E402
 from train.evaluate import RetrievalSet, evaluate_pipeline, fashion_mnist_p_at_1  # noqa: E402
-from train.sample_data import build_sample_set  # noqa: E402
 
 
 def _row(name: str, pipeline, data: RetrievalSet, catalog: str) -> dict:
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", nargs="*", default=None, help="checkpoints to measure (default: train one per loss)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--dev", type=int, default=None, metavar="N",
-                        help="measure on N new photos per held-out product (train.sample_data.dev_queries) instead of the eval queries")
+                        help="measure on N new photos per held-out product (imgsearch.sample_data.dev_queries) instead of the eval queries")
     parser.add_argument("--fashion-mnist", type=int, default=2000, help="test images for category P@1 (0 to skip)")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -21,7 +21,7 @@ the policy differs between columns:
 
 It also lists the photos each checkpoint misses at R@10, so misses shared by every model stand
 out. Queries are the sample set's held-out shopper photos, or with ``--dev N`` N new photos per
-held-out product (:func:`train.sample_data.dev_queries`), the set to choose settings on so that
+held-out product (:func:`imgsearch.sample_data.dev_queries`), the set to choose settings on so that
 the eval queries stay unseen by the choice. The catalog is every catalog shot, embedded as
 ``imgsearch embed`` ingests it (through the detector; ``--catalog detect``, the default) or whole
 (``--catalog whole``), as ``evaluate_pipeline``'s ``catalog_mode``.
@@ -45,8 +45,8 @@ from PIL import Image  # noqa: E402
 
 from embed.image_io import load_rgb  # noqa: E402
 from embed.pipeline import MATCH_SCORE_WEIGHT, MERGED, QueryEmbedding, crop_with_margin, load_pipeline  # noqa: E402
+from imgsearch.sample_data import build_sample_set  # noqa: E402
 from train.evaluate import AP_SCORE_THRESHOLD, RetrievalSet, answering_vectors, box_iou, ranked_products  # noqa: E402
-from train.sample_data import build_sample_set  # noqa: E402
 
 POLICIES = ("best match", "best match, no merge", "best match + gap", "detector's choice", "best box", "box + whole", "flip TTA", "true box")
 GAP_WEIGHT = 1.0  # "best match + gap": merit + this x (best product score - runner-up product score)

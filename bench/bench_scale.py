@@ -36,9 +36,9 @@ K = 10
 def bench_size(size: str, args) -> dict:
     import faiss
 
-    from index.build import build_version
-    from index.searcher import open_index
-    from index.sources import npy_source
+    from index.ann.build import build_version
+    from index.ann.search import open_index
+    from index.ann.sources import npy_source
 
     faiss.omp_set_num_threads(args.threads)
     ds = datasets.load(f"synth-{size}")
@@ -67,7 +67,7 @@ def bench_size(size: str, args) -> dict:
     op = max(ok, key=lambda g: g["qps"])
     best = min(timed(lambda x: idx.search(x, K, nprobe=op["nprobe"], rerank_factor=op["rerank_factor"])[1],
                      q, args.batch)[0] for _ in range(args.rounds))
-    from index.factory import choose_factory
+    from index.ann.factory import choose_factory
 
     out = {"size": size, "n": int(m["ntotal"]), "factory": m["factory"],
            "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"]), metric=m["metric"]).factory, "build_s": round(build_s, 1),

@@ -379,7 +379,7 @@ def section_load(kind: str, index_root, store, bodies, content_type, levels, max
 
 
 def section_swap(data: dict, seconds: float) -> None:
-    from index import versions
+    from index.ann import versions
 
     root = str(data["index_root"])
     versions.set_current(root, "v1")

@@ -10,11 +10,11 @@ Every dataset is a folder ``<cache>/bench/<name>/`` with
 Datasets (``load(name)``):
 
 - ``sift``: 128-d OpenCV SIFT descriptors (``cv2.SIFT_create()``, default parameters, grey
-  images) of real photos. Photos are the scene backgrounds of ``train.sample_data`` (10 skimage
+  images) of real photos. Photos are the scene backgrounds of ``imgsearch.sample_data`` (10 skimage
   bundled photos + 22 opencv-doc sample photos). They are split by name (every 4th
   background, sorted, is held out). BASE = descriptors of (1) each base photo at scales 1.0,
   0.75, 0.5 and rotations 0/90/180/270 degrees, then (2) composite scenes made with
-  ``train.sample_data.render_scene`` on base photos only, pasting TRAIN-split tuxpaint
+  ``imgsearch.sample_data.render_scene`` on base photos only, pasting TRAIN-split tuxpaint
   products, seeded one stream per scene, until >= 500,000 descriptors. QUERIES = descriptors
   of scenes made from the held-out photos with EVAL-split products (so no query image, photo
   or product is in the base); 10,000 of them drawn at random (seeded). Exact duplicate base
@@ -73,7 +73,7 @@ def cache_root() -> Path:
 
 def full_sample_set():
     """The full sample set (seed 0) the training, embedding and batching benchmarks share; built once, then reused."""
-    from train import sample_data as sd
+    from imgsearch import sample_data as sd
 
     root = cache_root() / "sample_set_full"
     if not (root / "config.json").exists():
@@ -158,7 +158,7 @@ def make_sift(folder: Path) -> Dataset:
     import cv2
     from PIL import Image
 
-    from train import sample_data as sd
+    from imgsearch import sample_data as sd
 
     cv2.setNumThreads(2)
     t0 = time.monotonic()
@@ -274,7 +274,7 @@ def make_embed(folder: Path) -> Dataset:
     import torch
 
     from embed.pipeline import load_pipeline
-    from train import sample_data as sd
+    from imgsearch import sample_data as sd
 
     torch.set_num_threads(2)
     t0 = time.monotonic()
@@ -346,8 +346,8 @@ def make_embed_fmnist(folder: Path) -> Dataset:
 
     from embed.pipeline import load_pipeline
     from imgsearch import assets
+    from imgsearch.sample_data import load_fashion_mnist
     from train.evaluate import fashion_mnist_pick
-    from train.sample_data import load_fashion_mnist
 
     torch.set_num_threads(2)
     t0 = time.monotonic()

@@ -106,9 +106,9 @@ def prepare_store(folder: Path) -> tuple[Path, np.ndarray]:
 
 
 def prepare_index(folder: Path, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> Path:
-    from index import versions
-    from index.build import build_version
-    from index.sources import array_source
+    from index.ann import versions
+    from index.ann.build import build_version
+    from index.ann.sources import array_source
 
     root = folder / "index"
     if "v1" not in versions.list_versions(str(root)):

@@ -97,7 +97,7 @@ class Embedder:
         return self.runner(batch).numpy().astype(np.float32, copy=False)
 
 
-def _net_from_checkpoint(checkpoint: Checkpoint, path) -> EmbeddingNet:
+def net_from_checkpoint(checkpoint: Checkpoint, path) -> EmbeddingNet:
     try:
         config = EmbedderConfig.from_dict(checkpoint.config["embedder"])
     except (KeyError, TypeError, BadInput) as exc:
@@ -124,7 +124,7 @@ def load_embedder(checkpoint: str | os.PathLike | None = None, device: str | tor
         model_hash = state_dict_sha256(prefixed("embedder", net.state_dict()))
     else:
         loaded = Checkpoint.load(checkpoint)
-        net = _net_from_checkpoint(loaded, checkpoint)
+        net = net_from_checkpoint(loaded, checkpoint)
         model_hash = loaded.weights_sha256
     return Embedder(net, model_hash, device=device, runtime=runtime, batch_size=batch_size, calibration=calibration)
 

@@ -21,9 +21,9 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 # Subcommands whose issue has not landed point at None.
 HANDLERS: dict[str, str | None] = {
     "demo": "serve.commands:run_demo_command",
-    "embed": "embed.commands:embed_command",
-    "build": "index.commands:build_command",
-    "search": "index.commands:search_command",
+    "embed": "index.jobs.commands:embed_command",
+    "build": "index.ann.commands:build_command",
+    "search": "index.ann.commands:search_command",
     "serve": "serve.commands:serve_command",
     "dedup": "index.jobs.commands:dedup_command",
     "rebuild": "index.jobs.commands:rebuild_command",

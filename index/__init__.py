@@ -9,7 +9,7 @@ __all__ = ["open_index"]
 
 def __getattr__(name: str):
     if name == "open_index":
-        from index.searcher import open_index
+        from index.ann.search import open_index
 
         return open_index
     raise AttributeError(f"module 'index' has no attribute {name!r}")

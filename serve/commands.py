@@ -22,10 +22,15 @@ import os
 import sys
 from pathlib import Path
 
+import faiss
+
+from imgsearch.errors import BadInput
 from serve.accesslog import configure_access_log
 from serve.app import create_app
+from serve.demo import prepare_demo
 from serve.server import run_gunicorn
 from serve.service import SearchService
+from serve.shards import fanout_opener, parse_shard_of, shard_opener
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,6 @@ SWITCH_INTERVAL_S = 0.001
 
 
 def _tune_process() -> None:
-    import faiss
-
     faiss.omp_set_num_threads(FAISS_THREADS)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
@@ -69,9 +72,6 @@ def make_service(index_root, store, checkpoint: str | None = None, *, load_embed
 
 def _role(args) -> tuple[dict, dict, bool]:
     """(SearchService options, create_app options, load the embedder?) of the serve role."""
-    from imgsearch.errors import BadInput
-    from serve.shards import fanout_opener, parse_shard_of, shard_opener
-
     if args.shard_of and args.shards:
         raise BadInput("--shard-of and --shards exclude each other: a server is a shard or a front")
     if args.shard_of:
@@ -125,8 +125,6 @@ def serve_command(args) -> int:
 
 
 def run_demo_command(args) -> int:
-    from serve.demo import prepare_demo
-
     demo = prepare_demo(Path(args.workdir))
     if args.no_serve:
         return 0

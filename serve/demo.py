@@ -12,6 +12,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.sample_data import build_sample_set
+from index.ann import versions
+from index.ann.build import build_version
+from index.ann.sources import store_source
+from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
+
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 0
@@ -29,9 +36,6 @@ class Demo:
 
 def prepare_demo(workdir: Path, limit_products: int | None = None) -> Demo:
     from embed.pipeline import load_pipeline
-    from index.catalog import ingest_catalog
-    from index.store import CatalogStore
-    from train.sample_data import build_sample_set
 
     workdir.mkdir(parents=True, exist_ok=True)
     sample = build_sample_set(workdir / "sample", seed=DEMO_SEED, limit_products=limit_products)
@@ -51,10 +55,6 @@ def prepare_demo(workdir: Path, limit_products: int | None = None) -> Demo:
 
 
 def _ensure_index(store, index_root: Path, model_hash: str) -> None:
-    from index import versions
-    from index.build import build_version
-    from index.sources import store_source
-
     source = dataclasses.replace(store_source(store), model=model_hash)
     try:
         manifest = versions.read_manifest(versions.version_dir(str(index_root)))

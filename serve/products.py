@@ -1,7 +1,6 @@
 """Admin product writes: ``POST /v1/products`` (add or update one product) and ``DELETE``.
 
 Body of ``POST /v1/products`` (``application/json`` only; unknown fields are refused)::
-
     {"product_id": "sku-1",            # required, 1..1024 characters, not blank
      "image_base64": "...",            # required: the product's image (becomes its only image)
      "category": "shoes",              # optional, 1..200 characters, or null
@@ -26,9 +25,12 @@ from pathlib import Path
 
 import numpy as np
 from flask import Request
+from PIL import Image
 
+from embed.image_io import decode_image
+from index.ann import versions
 from serve.errors import ApiError
-from serve.requests import _reject_unknown, _shown, parse_category
+from serve.requests import parse_category, reject_unknown, shown
 from serve.store_writer import run_writer
 
 PRODUCT_FIELDS = frozenset({"product_id", "image_base64", "category", "metadata"})
@@ -40,11 +42,11 @@ EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": 
 
 def parse_product_id(raw) -> str:
     if not isinstance(raw, str):
-        raise ApiError(400, "bad_product_id", f"product_id must be a string, got {_shown(raw)}")
+        raise ApiError(400, "bad_product_id", f"product_id must be a string, got {shown(raw)}")
     if not raw.strip() or len(raw) > MAX_PRODUCT_ID:
-        raise ApiError(400, "bad_product_id", f"product_id must be 1..{MAX_PRODUCT_ID} characters and not blank, got {_shown(raw)}")
+        raise ApiError(400, "bad_product_id", f"product_id must be 1..{MAX_PRODUCT_ID} characters and not blank, got {shown(raw)}")
     if any(ord(c) < 32 for c in raw):
-        raise ApiError(400, "bad_product_id", f"product_id must not contain control characters, got {_shown(raw)}")
+        raise ApiError(400, "bad_product_id", f"product_id must not contain control characters, got {shown(raw)}")
     return raw
 
 
@@ -52,7 +54,7 @@ def parse_metadata(raw) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ApiError(400, "bad_metadata", f"metadata must be a JSON object, got {_shown(raw)}")
+        raise ApiError(400, "bad_metadata", f"metadata must be a JSON object, got {shown(raw)}")
     size = len(json.dumps(raw, ensure_ascii=False).encode())
     if size > MAX_METADATA_BYTES:
         raise ApiError(400, "bad_metadata", f"metadata is {size} bytes encoded, over the limit of {MAX_METADATA_BYTES}")
@@ -61,11 +63,11 @@ def parse_metadata(raw) -> dict:
 
 def _image_bytes(raw) -> bytes:
     if not isinstance(raw, str):
-        raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {_shown(raw)}")
+        raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {shown(raw)}")
     try:
         return base64.b64decode(raw, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {_shown(raw[:20])})") from None
+        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {shown(raw[:20])})") from None
 
 
 def parse_product_body(request: Request) -> dict:
@@ -75,7 +77,7 @@ def parse_product_body(request: Request) -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object with 'product_id' and 'image_base64'")
-    _reject_unknown(body, PRODUCT_FIELDS)
+    reject_unknown(body, PRODUCT_FIELDS)
     for name in ("product_id", "image_base64"):
         if name not in body:
             raise ApiError(400, "missing_field", f"field {name!r} is required")
@@ -89,9 +91,7 @@ def parse_product_body(request: Request) -> dict:
 
 def _save_upload(store_path: Path, data: bytes) -> tuple[str, Path, str]:
     """(image name relative to the store, absolute path, sha256) of the saved bytes; atomic."""
-    from PIL import Image
 
-    from index import versions
 
     digest = hashlib.sha256(data).hexdigest()
     with Image.open(io.BytesIO(data)) as probe:  # already decoded once: only the format is read
@@ -115,8 +115,6 @@ def writable_live(service):
 
 
 def put_product(service, request: Request) -> tuple[dict, int]:
-    from embed.image_io import decode_image
-
     live = writable_live(service)
     fields = parse_product_body(request)
     with service._stage("decode"):

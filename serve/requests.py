@@ -27,7 +27,7 @@ class SearchRequest:
     vector: np.ndarray | None = None
 
 
-def _shown(value, limit: int = 60) -> str:
+def shown(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -36,11 +36,11 @@ def parse_k(raw) -> int:
     if raw is None:
         return DEFAULT_K
     if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {_shown(raw)}")
+        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {shown(raw)}")
     try:
         k = int(raw)
     except ValueError:
-        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {_shown(raw)}") from None
+        raise ApiError(400, "bad_k", f"k must be an integer in 1..{MAX_K}, got {shown(raw)}") from None
     if not 1 <= k <= MAX_K:
         raise ApiError(400, "k_out_of_range", f"k must be in 1..{MAX_K}, got {k}")
     return k
@@ -50,7 +50,7 @@ def parse_category(raw) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str):
-        raise ApiError(400, "bad_category", f"category must be a string, got {_shown(raw)}")
+        raise ApiError(400, "bad_category", f"category must be a string, got {shown(raw)}")
     if not 0 < len(raw) <= MAX_CATEGORY_LENGTH:
         raise ApiError(400, "bad_category", f"category must be 1..{MAX_CATEGORY_LENGTH} characters, got {len(raw)}")
     return raw
@@ -58,7 +58,7 @@ def parse_category(raw) -> str | None:
 
 def parse_vector(raw, dim: int) -> np.ndarray:
     if not isinstance(raw, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
-        raise ApiError(400, "bad_vector", f"vector must be a list of {dim} numbers, got {_shown(raw)}")
+        raise ApiError(400, "bad_vector", f"vector must be a list of {dim} numbers, got {shown(raw)}")
     if len(raw) != dim:
         raise ApiError(400, "bad_vector_length", f"vector must have {dim} numbers, got {len(raw)}")
     bad = next((i for i, x in enumerate(raw) if not math.isfinite(x)), None)
@@ -67,7 +67,7 @@ def parse_vector(raw, dim: int) -> np.ndarray:
     return np.asarray(raw, dtype=np.float32)
 
 
-def _reject_unknown(fields, allowed: frozenset[str]) -> None:
+def reject_unknown(fields, allowed: frozenset[str]) -> None:
     unknown = sorted(set(fields) - allowed)
     if unknown:
         raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
@@ -77,7 +77,7 @@ def _parse_json(request: Request, dim: int) -> SearchRequest:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object with 'image_base64' or 'vector'")
-    _reject_unknown(body, SEARCH_FIELDS_JSON)
+    reject_unknown(body, SEARCH_FIELDS_JSON)
     k, category = parse_k(body.get("k")), parse_category(body.get("category"))
     has_image, has_vector = "image_base64" in body, "vector" in body
     if has_image == has_vector:
@@ -86,17 +86,17 @@ def _parse_json(request: Request, dim: int) -> SearchRequest:
         return SearchRequest(k, category, vector=parse_vector(body["vector"], dim))
     encoded = body["image_base64"]
     if not isinstance(encoded, str):
-        raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {_shown(encoded)}")
+        raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {shown(encoded)}")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {_shown(encoded[:20])})") from None
+        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {shown(encoded[:20])})") from None
     return SearchRequest(k, category, image=data)
 
 
 def _parse_multipart(request: Request) -> SearchRequest:
-    _reject_unknown(request.form, SEARCH_FIELDS_FORM)
-    _reject_unknown(request.files, frozenset({"image"}))
+    reject_unknown(request.form, SEARCH_FIELDS_FORM)
+    reject_unknown(request.files, frozenset({"image"}))
     if "image" not in request.files:
         raise ApiError(400, "missing_image", "multipart body needs an 'image' file field")
     data = request.files["image"].read()

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from embed.image_io import decode_image
+from index import open_index
+from index.ann import versions
+from index.ann.sources import store_category_of
+from index.store import CatalogStore, product_results
 from serve import embedding
 from serve.batcher import DEFAULT_MAX_BATCH, Arrivals, MicroBatcher
 from serve.errors import ApiError
@@ -83,9 +89,6 @@ def run_search(index, queries: np.ndarray, fetch: int, category: str | None):
 
 def default_opener(index_root: Path, store):
     """The full live version CURRENT names, with the store's categories and deletions."""
-    from index import open_index
-    from index.sources import store_category_of
-
     return open_index(
         str(index_root),
         category_of=store_category_of(store),
@@ -147,8 +150,6 @@ class SearchService:
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    from index.store import CatalogStore
-
                     self._store = CatalogStore.open_readonly(self.store_path)
         return self._store
 
@@ -215,7 +216,6 @@ class SearchService:
 
     def watch_current(self, interval_s: float) -> None:
         """Poll CURRENT every ``interval_s`` and reload when it names another version."""
-        from index import versions
 
         def loop() -> None:
             import time
@@ -243,8 +243,6 @@ class SearchService:
             return self._embedder
 
     def warm_embedder(self) -> None:
-        from PIL import Image
-
         self.embedder().embed_queries([Image.new("RGB", (224, 224), (128, 128, 128))])
 
     # ------------------------------------------------------------------ live updates
@@ -345,8 +343,6 @@ class SearchService:
         return body
 
     def _embed_query_image(self, data: bytes):
-        from embed.image_io import decode_image
-
         with self._stage("decode"):
             image = decode_image(data)
         pipeline = self.embedder()
@@ -433,8 +429,6 @@ class SearchService:
             scores, ids, partial = s[0], i[0], partial or more_partial
 
     def _join(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[dict]:
-        from index.store import product_results
-
         return product_results(self.store(), scores, ids, k)
 
     # ------------------------------------------------------------------ products

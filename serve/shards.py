@@ -3,7 +3,6 @@
 - ``imgsearch serve --shard-of INDEX_ROOT:i/n`` opens only shard files ``j`` with
   ``j % n == i`` of the version CURRENT names (build it with ``--shards`` a multiple of n).
   Every server answers ``POST /v1/shard/search`` with raw candidates::
-
       {"vectors": [[floats], ...], "k": int, "category": str|null}
       -> {"index_version", "shard": [i, n], "ids": [[int]], "scores": [[float]]}   (-1 ids pad)
 
@@ -33,8 +32,10 @@ from urllib.parse import urlsplit
 import numpy as np
 from flask import Flask, jsonify, request
 
+from index import open_index
+from index.ann.sources import store_category_of
 from serve.errors import ApiError
-from serve.requests import _reject_unknown, parse_category, parse_k, parse_vector
+from serve.requests import parse_category, parse_k, parse_vector, reject_unknown
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,6 @@ def shard_opener(i: int, n: int):
     """An opener (for :class:`serve.service.SearchService`) of shard i of n of CURRENT."""
 
     def open_shard(index_root, store):
-        from index import open_index
-        from index.sources import store_category_of
-
         return open_index(str(index_root), shards=(i, n), category_of=store_category_of(store),
                           deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64))
 
@@ -85,7 +83,7 @@ def register_shard_routes(app: Flask, service) -> None:
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise ApiError(400, "bad_json", "body must be a JSON object with 'vectors' and 'k'")
-        _reject_unknown(body, SHARD_SEARCH_FIELDS)
+        reject_unknown(body, SHARD_SEARCH_FIELDS)
         rows = body.get("vectors")
         if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_SHARD_QUERIES:
             raise ApiError(400, "bad_vectors", f"vectors must be a list of 1..{MAX_SHARD_QUERIES} vectors, got {str(rows)[:60]}")
@@ -156,7 +154,6 @@ class ShardClient:
 class ShardFanout:
     """Looks like an opened index to :class:`serve.service.SearchService` (``search_partial``,
     ``manifest``, ``ntotal``); every search goes to the shard servers."""
-
     is_fanout = True
 
     def __init__(self, urls: list[str], timeout_s: float, metrics=None):

@@ -22,7 +22,10 @@ import os
 import subprocess
 import sys
 
+from imgsearch.clock import utc_now
+from index.store import CatalogStore, ItemRecord, StoreLocked
 from serve.errors import ApiError
+from serve.updates import UpdateLog
 
 WRITER_TIMEOUT_S = 60
 EXIT_LOCKED = 3
@@ -55,7 +58,6 @@ def _repo_path() -> str:
 def _put_product(store, request: dict) -> dict:
     import numpy as np
 
-    from index.store import ItemRecord
 
     record = ItemRecord(**request["record"])
     vector = np.asarray(request["vector"], dtype=np.float32)[None, :]
@@ -75,10 +77,6 @@ def _delete_product(store, request: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from imgsearch.clock import utc_now
-    from index.store import CatalogStore, StoreLocked
-    from serve.updates import UpdateLog
-
     store_path = argv[0]
     request = json.loads(sys.stdin.buffer.read())
     handler = {"put_product": _put_product, "delete_product": _delete_product}[request["op"]]

@@ -3,7 +3,6 @@
 ``STORE/serve-updates.jsonl`` is appended (by :mod:`serve.store_writer`, under the store's
 write lock, so log order is commit order) after each committed store write, one JSON line per
 write::
-
     {"at": "...Z", "pid": 123, "gen": 4711, "add": [item ids], "delete": [item ids]}
 
 ``gen`` is the store's generation (LMDB transaction id) after the write. The vectors themselves
@@ -19,7 +18,6 @@ Compaction (:meth:`UpdateLog.compact`) keeps the log from growing forever. Under
 lock (``serve-updates.lock``: appends hold it for one write; compaction never takes the store's
 write lock, so it cannot make an ``imgsearch embed`` or ``rebuild`` fail as "locked"), it
 rewrites the log to a temporary file and ``os.replace``s it in:
-
 - only the last operation on each id is kept (every version replays the same final state: an
   add reads the store's current vector, a delete tombstones), in the original order, ``gen``
   kept, so the rewrite is lossless for any version, old or new;
@@ -53,14 +51,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgsearch.atomic import fsync_dir, write_bytes_atomic
 from imgsearch.clock import utc_now
+from index.ann import versions
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "serve-updates.jsonl"
 LOCK_NAME = "serve-updates.lock"
 HEADER_PREFIX = b'{"epoch":'  # the header is the only line that starts with its epoch
-MANIFEST_NAME = "manifest.json"  # index.versions.MANIFEST
+MANIFEST_NAME = "manifest.json"  # index.ann.versions.MANIFEST
 BUILD_SIDECAR = "rebuild.json"  # index.jobs.rebuild.SIDECAR: {"store": path, "store_generation": int, ...}
 # The store writer compacts (without dropping anything) once the log passes this size and has
 # at least doubled since its last compaction: amortised O(1) rewriting per appended byte.
@@ -156,8 +156,6 @@ def version_coverage(version_dir: str | os.PathLike, store_path: str | os.PathLi
 def covered_through(index_root: str | os.PathLike, store_path: str | os.PathLike) -> int:
     """The store generation every version under INDEX_ROOT was built from or after: log lines
     at or below it are in every version that can be loaded. 0 when some version does not say."""
-    from index import versions
-
     names = versions.list_versions(str(index_root))
     gens = [version_coverage(os.path.join(index_root, name), store_path) for name in names]
     if not gens or any(g is None for g in gens):
@@ -261,8 +259,6 @@ class UpdateLog:
             finally:
                 os.close(fd)
             if created:
-                from imgsearch.atomic import fsync_dir
-
                 fsync_dir(str(self.path.parent))
 
     def compact(self, covered: int = 0, *, store_generation: int | None = None, force: bool = False) -> dict | None:
@@ -334,7 +330,6 @@ class UpdateLog:
                           "compacted_bytes": len(body), "at": utc_now(), "pid": os.getpid()}
             head = (json.dumps(new_header, separators=(",", ":")) + "\n").encode()
             assert head.startswith(HEADER_PREFIX)
-            from imgsearch.atomic import write_bytes_atomic
 
             write_bytes_atomic(str(self.path), head + body)  # temp + fsync + os.replace + fsync dir
         result = {"epoch": old_epoch + 1, "bytes_before": len(data), "bytes_after": len(head) + len(body),

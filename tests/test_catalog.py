@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from imgsearch.errors import BadInput, JobFailed
-from index.catalog import CatalogRow, Reject, ingest_catalog, read_catalog
 from index.store import CatalogStore
+from index.store.catalog import CatalogRow, Reject, read_catalog
+from index.store.ingest import ingest_catalog
 
 HELPER = Path(__file__).parent / "helpers" / "store_writer.py"
 _spec = importlib.util.spec_from_file_location("store_writer", HELPER)
@@ -324,7 +325,7 @@ def test_ingest_needs_a_writer(tmp_path, store):
 
 def test_progress_logs_plain_lines_when_not_a_tty(tmp_path, store, caplog):
     catalog = simple_catalog(tmp_path, 2)
-    with caplog.at_level("INFO", logger="index.catalog"):
+    with caplog.at_level("INFO", logger="index.store.ingest"):
         ingest_catalog(catalog, store, CountingEmbed(), progress=True)
     assert any("done: 2 rows; added 2" in message for message in caplog.messages)
 

@@ -8,7 +8,7 @@ from skimage import data
 from imgsearch.cli import main
 
 torch.set_num_threads(2)
-pytest.importorskip("index.catalog")
+pytest.importorskip("index.store.catalog")
 
 
 def test_embed_ingests_good_rows_rejects_bad_ones_and_is_idempotent(tmp_path, capsys):

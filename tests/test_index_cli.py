@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from imgsearch.cli import main
-from index import versions
+from index.ann import versions
 
 faiss.omp_set_num_threads(1)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imgsearch.errors import BadInput
-from index.factory import choose_factory, is_exact, nlist_for, parse_bytes, validate_factory
+from index.ann.factory import choose_factory, is_exact, nlist_for, parse_bytes, validate_factory
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,19 @@
-"""The fused float16 re-rank kernel (index/_f16rerank.c) and the searcher with and without it."""
+"""The fused float16 re-rank kernel (index/ann/_f16rerank.c) and the searcher with and without it."""
 
 import faiss
 import numpy as np
 import pytest
 
-from index import searcher
-from index.build import build_version
-from index.searcher import open_index
-from index.sources import array_source
+from index.ann import rerank
+from index.ann.build import build_version
+from index.ann.search import open_index
+from index.ann.sources import array_source
 
 faiss.omp_set_num_threads(1)  # shared CI cores: OpenMP spin-waits collapse under contention
 
 
 def kernel():
-    return pytest.importorskip("index._f16rerank")
+    return pytest.importorskip("index.ann._f16rerank")
 
 
 def reference(q, base, rows, ip):
@@ -145,9 +145,9 @@ def test_split_over_threads_equals_one_pass(monkeypatch):
     q = rng.standard_normal((37, 24)).astype(np.float32)
     rows = rng.integers(-1, 1000, (37, 20))
     want = run(k, q, base, rows, False)
-    monkeypatch.setattr(searcher, "FUSED_SPLIT_MIN", 16)
+    monkeypatch.setattr(rerank, "FUSED_SPLIT_MIN", 16)
     monkeypatch.setattr(faiss, "omp_get_max_threads", lambda: 3)  # the split's thread count only
-    got = searcher._fused_keys(base, q, rows, False)
+    got = rerank.fused_keys(base, q, rows, False)
     np.testing.assert_array_equal(got, want)  # same kernel on each slice: bit-identical
 
 
@@ -192,10 +192,10 @@ def test_searcher_ids_identical_with_and_without_kernel(monkeypatch, roots, corp
     kernel()
     x, ids, q = corpus
     extra = (x[:20] + 0.01, ids[100:123])
-    monkeypatch.setattr(searcher, "FUSED_SPLIT_MIN", 256)  # batch 100 x 40 candidates: split in 2
+    monkeypatch.setattr(rerank, "FUSED_SPLIT_MIN", 256)  # batch 100 x 40 candidates: split in 2
     monkeypatch.setattr(faiss, "omp_get_max_threads", lambda: 2)
     new = searches(open_index(roots[metric, shards]), q, extra)
-    monkeypatch.setattr(searcher, "FUSED", False)
+    monkeypatch.setattr(rerank, "FUSED", False)
     old = searches(open_index(roots[metric, shards]), q, extra)
     for (s_new, i_new), (s_old, i_old) in zip(new, old, strict=True):
         np.testing.assert_allclose(s_new, s_old, rtol=1e-5, atol=1e-4)  # equal infs pass too

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from imgsearch.errors import BadInput
-from index.build import build_version
-from index.searcher import open_index
-from index.sources import array_source
+from index.ann.build import build_version
+from index.ann.search import open_index
+from index.ann.sources import array_source
 
 faiss.omp_set_num_threads(1)  # shared CI cores: OpenMP spin-waits collapse under contention
 D, N, N_CAT = 32, 20_000, 20

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from imgsearch.cli import main
-from index import versions
-from index.searcher import open_index
-from index.sources import store_category_of, store_source
+from index.ann import versions
+from index.ann.search import open_index
+from index.ann.sources import store_category_of, store_source
 
 store_mod = pytest.importorskip("index.store")
 faiss.omp_set_num_threads(1)

@@ -8,10 +8,10 @@ import faiss
 import numpy as np
 import pytest
 
-from index import versions
-from index.build import build_version
-from index.searcher import open_index
-from index.sources import array_source
+from index.ann import versions
+from index.ann.build import build_version
+from index.ann.search import open_index
+from index.ann.sources import array_source
 
 faiss.omp_set_num_threads(1)
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imgsearch.calibration import precision_cut
 from index.jobs import dedup
-from index.jobs.calibration import precision_cut
 from index.jobs.unionfind import UnionFind
 
 DIM = 32
@@ -104,8 +104,8 @@ def planted_store(tmp_path, seed=0):
 
 
 def build_index(store_path, root):
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
     from index.store import CatalogStore
 
     with CatalogStore.open_readonly(store_path) as store:
@@ -191,8 +191,8 @@ def _real_store(tmp_path):
 
     from imgsearch import assets
     from imgsearch.errors import MissingAsset
+    from imgsearch.sample_data import catalog_shot, list_products
     from index.store import CatalogStore, ItemRecord
-    from train.sample_data import catalog_shot, list_products
 
     try:
         products = {p.product_id: p for p in list_products(assets.tuxpaint_stamps_dir())}
@@ -234,8 +234,8 @@ def _real_store(tmp_path):
     truth.add(tuple(sorted(("food.pizza.copy-crop", "food.pizza.copy-jpeg"))))
     with CatalogStore.create_or_open(tmp_path / "store", dim=DIM, vector_dtype="float32") as store:
         store.put(records, np.stack(vectors))
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
 
     with CatalogStore.open_readonly(tmp_path / "store") as store:
         build_version(store_source(store), str(tmp_path / "index"), gpu="off", factory="Flat")
@@ -243,7 +243,7 @@ def _real_store(tmp_path):
 
 
 def test_dedup_with_verification_keeps_planted_copies_not_lookalikes(tmp_path):
-    from index.jobs.verify import VerifyConfig
+    from embed.verify import VerifyConfig
     from index.store import CatalogStore
 
     store_path, truth, lookalikes = _real_store(tmp_path)

@@ -7,9 +7,15 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from index.jobs.synthetic import PixelEmbedder  # noqa: E402
+import helpers.pixel_embedder  # noqa: E402
+from helpers.pixel_embedder import PixelEmbedder  # noqa: E402
+
 from tests.test_jobs_dedup import build_index, planted_store  # noqa: E402
 from tests.test_jobs_rebuild import DIM, config, write_catalog  # noqa: E402
+
+
+# Ray workers do not have tests/ on their path: the stand-in embedder travels by value.
+ray.cloudpickle.register_pickle_by_value(helpers.pixel_embedder)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +35,9 @@ def _store_content(path):
 
 
 def test_ray_ingest_equals_single_process(cluster, tmp_path):
-    from index.catalog import ingest_catalog
     from index.jobs.distributed import distributed_ingest
     from index.store import CatalogStore
+    from index.store.ingest import ingest_catalog
 
     emb = PixelEmbedder(DIM)
     catalog = write_catalog(tmp_path, 80)
@@ -67,11 +73,11 @@ def test_ray_dedup_equals_single_process(cluster, tmp_path):
 
 
 def test_ray_rebuild_with_parallel_shards(cluster, tmp_path):
-    from index import versions
-    from index.build import build_version
+    from index.ann import versions
+    from index.ann.build import build_version
+    from index.ann.search import open_index
+    from index.ann.sources import store_source
     from index.jobs import rebuild as rb
-    from index.searcher import open_index
-    from index.sources import store_source
     from index.store import CatalogStore
 
     catalog = write_catalog(tmp_path, 150)

@@ -2,7 +2,7 @@
 
 The kill tests run this file as a script (real processes): ``python tests/test_jobs_rebuild.py
 rebuild ARGS`` parses the real ``imgsearch rebuild`` arguments and runs the real job with the
-torch-free :class:`index.jobs.synthetic.PixelEmbedder` (a model load would cost ~10 s per run).
+torch-free :class:`helpers.pixel_embedder.PixelEmbedder` (a model load would cost ~10 s per run).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
-from index import versions  # noqa: E402
+from helpers.pixel_embedder import PixelEmbedder  # noqa: E402
+
+from index.ann import versions  # noqa: E402
 from index.jobs import rebuild as rb  # noqa: E402
-from index.jobs.synthetic import PixelEmbedder  # noqa: E402
 
 DIM = 16
 
@@ -80,7 +81,7 @@ def test_rebuild_publishes_validates_and_summarises(tmp_path):
 
 def test_second_run_exits_0_while_locked(tmp_path, capsys):
     from imgsearch.cli import main
-    from index.pidlock import JobLock
+    from index.store.pidlock import JobLock
 
     catalog = write_catalog(tmp_path, 10)
     with JobLock(tmp_path / "index" / rb.LOCK_FILE):
@@ -220,7 +221,7 @@ def _start_and_kill_at(tmp: Path, catalog: Path, stage: str) -> None:
 
 @pytest.mark.parametrize("stage", ["ingest", "train", "add", "validate", "publish"])
 def test_sigkill_at_stage_keeps_previous_version_and_next_run_completes(tmp_path, stage):
-    from index.searcher import open_index
+    from index.ann.search import open_index
 
     catalog = write_catalog(tmp_path, 60)
     first = _run_script(tmp_path, catalog)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from embed import verify as V
 from imgsearch import assets
 from imgsearch.errors import MissingAsset
-from index.jobs import verify as V
 
 # Products with different content: photos, drawings, texture, thin structure.
 ORIGINALS = ("animals.birds.duck", "clothes.t_poloshirt", "seasonal.hanukkah.dreydl-hay", "food.pizza",
@@ -28,7 +28,7 @@ LOOKALIKES = (
 
 @pytest.fixture(scope="module")
 def shots() -> dict:
-    from train.sample_data import catalog_shot, list_products
+    from imgsearch.sample_data import catalog_shot, list_products
 
     try:
         products = {p.product_id: p for p in list_products(assets.tuxpaint_stamps_dir())}

@@ -12,8 +12,8 @@ from PIL import Image
 
 from embed.image_io import decode_image
 from imgsearch import assets
+from imgsearch import sample_data as sd
 from imgsearch.errors import BadInput, MissingAsset
-from train import sample_data as sd
 from train.evaluate import RetrievalSet
 
 SMALL = {"limit_products": 8, "queries_per_product": 2}

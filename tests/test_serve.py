@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index.build import build_version
-from index.catalog import ingest_catalog
-from index.sources import store_source
+from index.ann.build import build_version
+from index.ann.sources import store_source
 from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
 from serve.app import create_app
 from serve.service import SearchService
 
@@ -212,7 +212,7 @@ def test_json_body_is_not_parsed_by_force(client):
 def test_image_query_runs_the_real_pipeline_and_times_each_stage(catalog_env, tmp_path):
     """A photo upload goes decode -> detect -> embed -> search through the pretrained model."""
     from embed.pipeline import load_pipeline
-    from index.catalog import ingest_catalog as ingest
+    from index.store.ingest import ingest_catalog as ingest
 
     root, _, _ = catalog_env
     pipeline = load_pipeline(None)

@@ -152,8 +152,8 @@ def test_live_updates_are_seen_by_every_worker_and_reload_switches_all(server, d
 
     # A new version published by a job: reload answers from the new one at once, and the
     # other worker follows (it watches CURRENT).
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
     from index.store import CatalogStore
 
     with CatalogStore.open_readonly(demo.store_path) as store:

@@ -308,9 +308,9 @@ def _write_sidecar(index_root, version, store_path, generation):
 def test_reload_compacts_the_log_and_every_worker_still_sees_every_update(env, tmp_path_factory):
     import shutil
 
-    from index import versions
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann import versions
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
 
     _, store_path, index_root = env
     a, client_a = _client(env)  # two workers of one server
@@ -365,8 +365,8 @@ def test_reload_compacts_the_log_and_every_worker_still_sees_every_update(env, t
 
 
 def test_nothing_is_dropped_while_a_version_does_not_say_what_it_holds(env):
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
 
     _, store_path, index_root = env
     service, client = _client(env)
@@ -390,8 +390,8 @@ def test_a_plain_build_records_its_store_generation_so_the_log_shrinks_without_r
     store writes the version holds, and a reload to it drops every line it holds."""
     import shutil
 
-    from index.build import build_version
-    from index.sources import store_source
+    from index.ann.build import build_version
+    from index.ann.sources import store_source
 
     _, store_path, index_root = env
     service, client = _client(env)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.build import build_version
-from index.catalog import ingest_catalog
-from index.sources import store_source
+from index.ann.build import build_version
+from index.ann.sources import store_source
 from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
 from serve.service import SearchService
 from serve.shards import merge_top_k, parse_shard_of
 from tests.test_serve import DIM, colour_embed

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from embed.pipeline import QueryEmbedding, Region
-from index.build import build_version
-from index.catalog import ingest_catalog
-from index.sources import store_source
+from index.ann.build import build_version
+from index.ann.sources import store_source
 from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
 from serve.app import create_app
 from serve.service import SearchService
 from tests.test_serve import COLOURS, DIM, assert_error, colour_embed

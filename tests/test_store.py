@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import index.store as store_module
+import index.store.lmdb_store as store_module
 from imgsearch.errors import BadInput
 from index.store import CatalogStore, ItemRecord, StoreLocked, StoreNotFound, item_id
 

@@ -7,8 +7,8 @@ import torch
 from embed.checkpoint import Checkpoint
 from embed.pipeline import load_detector, load_embedder
 from imgsearch import cli
+from imgsearch.sample_data import build_sample_set
 from train.commands import main
-from train.sample_data import build_sample_set
 
 torch.set_num_threads(2)
 

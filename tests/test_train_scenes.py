@@ -5,10 +5,10 @@ import pytest
 from PIL import Image
 
 from imgsearch.errors import BadInput
+from imgsearch.sample_data import build_sample_set
 from train.commands import TrainingData
 from train.engine import TrainConfig
 from train.options import build_parser
-from train.sample_data import build_sample_set
 from train.training_data import studio_scene
 
 PRODUCT = (50, 40, 130, 120)  # x1, y1, x2 (exclusive), y2 (exclusive) of the product in the shot

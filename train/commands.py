@@ -18,8 +18,8 @@ from PIL import Image
 
 from embed.checkpoint import Checkpoint
 from embed.pipeline import crop_with_margin
+from imgsearch import sample_data
 from imgsearch.errors import BadInput
-from train import sample_data
 from train.engine import TrainConfig, TrainingRun, ValidationCache, ViewCache
 from train.evaluate import RetrievalSet
 from train.options import build_parser
@@ -40,7 +40,6 @@ def _open_rgb(path: str) -> Image.Image:
 @dataclass
 class TrainingData:
     """A catalog's rows, split into train and eval products, and the views/scenes/queries made from them."""
-
     catalog_path: Path
     rows: list[CatalogRow]
     split: Split
@@ -55,7 +54,7 @@ class TrainingData:
             raise BadInput(f"{catalog_path}: {len(split.train)} train product(s) after the split ({split.source}); need at least 2")
         train = split.train
         if config.max_products is not None and config.max_products < len(train):
-            train = sorted(sorted(train, key=lambda p: sample_data._stable_hash("pick:" + p))[: config.max_products])
+            train = sorted(sorted(train, key=lambda p: sample_data.stable_hash("pick:" + p))[: config.max_products])
         return cls(Path(catalog_path), rows, split, train, config)
 
     def rows_of(self, product_id: str) -> list[CatalogRow]:
@@ -74,7 +73,7 @@ class TrainingData:
             for row in rows:
                 yield label, _open_rgb(row.image)
             cutout = product_cutout(rows[0])
-            rng = np.random.default_rng([self.config.seed, 0x7669, sample_data._stable_hash(product_id)])
+            rng = np.random.default_rng([self.config.seed, 0x7669, sample_data.stable_hash(product_id)])
             for _ in range(self.config.shopper_views):
                 yield label, makers.shopper_view(cutout, rng, backgrounds)
 
@@ -113,7 +112,7 @@ class TrainingData:
             images, products, boxes = [], [], []
             for product_id in self.split.eval:
                 cutout = product_cutout(self.rows_of(product_id)[0])
-                rng = np.random.default_rng([self.config.seed, 0xE7A1, sample_data._stable_hash(product_id)])
+                rng = np.random.default_rng([self.config.seed, 0xE7A1, sample_data.stable_hash(product_id)])
                 for _ in range(SYNTHETIC_QUERIES_PER_PRODUCT):
                     photo, box = sample_data.make_shopper_photo(cutout, rng, backgrounds)
                     images.append(photo)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from imgsearch.sample_data import build_sample_set
 from train.commands import main as train_main
-from train.sample_data import build_sample_set
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -411,7 +411,7 @@ class TrainingRun:
     @classmethod
     def resume(cls, path, epochs: int | None = None) -> TrainingRun:
         """Networks, optimisers and progress from a training checkpoint; ``epochs`` may extend the run."""
-        from embed.pipeline import _net_from_checkpoint, load_detector
+        from embed.pipeline import load_detector, net_from_checkpoint
 
         loaded = Checkpoint.load(path)
         extra = loaded.extra
@@ -420,7 +420,7 @@ class TrainingRun:
         config = TrainConfig.from_dict(extra["train_config"])
         if epochs is not None:
             config = replace(config, epochs=epochs)
-        run = cls(config, _net_from_checkpoint(loaded, path), load_detector(loaded), int(extra["epoch"]),
+        run = cls(config, net_from_checkpoint(loaded, path), load_detector(loaded), int(extra["epoch"]),
                   list(extra.get("history", [])), dict(extra.get("run_info", {})))
         run.embedder_stage.optimizer.load_state_dict(extra["optimizers"]["embedder"])
         if run.detector_stage is not None:

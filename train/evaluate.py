@@ -11,8 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
+from embed.image_io import load_rgb
 from imgsearch.errors import BadInput
+from imgsearch.sample_data import dev_queries, load_fashion_mnist, read_queries
+from train.training_data import read_catalog
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -126,15 +130,11 @@ def fashion_mnist_pick(total: int, n: int, seed: int = 0) -> np.ndarray:
 
 def fashion_mnist_pils(images: np.ndarray) -> list:
     """Fashion-MNIST uint8 28 x 28 -> RGB PIL images, inverted: white-on-black becomes a product on a light studio background."""
-    from PIL import Image
-
     return [Image.fromarray(255 - im).convert("RGB") for im in images]
 
 
 def fashion_mnist_p_at_1(embed_images: Callable[[list], np.ndarray], n: int = 2000, seed: int = 0) -> dict[str, float]:
     """Category P@1 on ``n`` Fashion-MNIST test images (seeded pick): the embedder's vs raw pixels'."""
-    from train.sample_data import load_fashion_mnist
-
     images, labels = load_fashion_mnist("test")
     pick = fashion_mnist_pick(len(images), n, seed)
     images, labels = images[pick], labels[pick]
@@ -151,7 +151,6 @@ def fashion_mnist_p_at_1(embed_images: Callable[[list], np.ndarray], n: int = 20
 @dataclass
 class RetrievalSet:
     """Held-out queries (image paths, true product, true box) and the catalog to search."""
-
     query_images: list  # paths, or in-memory images for dev photos
     query_products: list[str]
     query_boxes: list[tuple[float, float, float, float]]
@@ -162,10 +161,7 @@ class RetrievalSet:
     def from_sample_set(cls, sample_set, eval_ids: Sequence[str] | None = None, limit_queries: int | None = None,
                         dev_per_product: int | None = None) -> RetrievalSet:
         """The eval queries against the whole catalog; with ``dev_per_product``, that many dev photos
-        per held-out product (:func:`train.sample_data.dev_queries`, in-memory images) instead."""
-        from train.sample_data import dev_queries, read_queries
-        from train.training_data import read_catalog
-
+        per held-out product (:func:`imgsearch.sample_data.dev_queries`, in-memory images) instead."""
         keep = set(eval_ids if eval_ids is not None else sample_set.eval_ids)
         rows = read_queries(sample_set) if dev_per_product is None else dev_queries(sample_set, dev_per_product)
         queries = [q for q in rows if q["product_id"] in keep][:limit_queries]
@@ -189,8 +185,6 @@ def query_pass(pipeline, images: list, ap_threshold: float = AP_SCORE_THRESHOLD)
     detector's choice, then the candidates), with one detector pass serving both
     the recall and the AP measurement.
     """
-    from embed.image_io import load_rgb
-
     decoded = [load_rgb(im) for im in images]
     found: list = [None] * len(decoded)
     if pipeline.detector is not None:

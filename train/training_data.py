@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgsearch import assets
+from imgsearch import assets, sample_data
 from imgsearch.errors import BadInput, MissingAsset
-from train import sample_data
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def resolve_split(catalog_path: str | os.PathLike, product_ids: list[str], heldo
         return Split([i for i in ids if i in train_ids], [i for i in ids if i in eval_ids], "split.json")
     if not 0.0 < heldout_fraction < 1.0:
         raise BadInput(f"heldout_fraction must be between 0 and 1, got {heldout_fraction!r}")
-    ranked = sorted(ids, key=lambda pid: (sample_data._stable_hash("split:" + pid), pid))
+    ranked = sorted(ids, key=lambda pid: (sample_data.stable_hash("split:" + pid), pid))
     n_eval = max(1, int(round(len(ids) * heldout_fraction))) if len(ids) > 1 else 0
     return Split(sorted(ranked[n_eval:]), sorted(ranked[:n_eval]), f"hash:{heldout_fraction}")
 
@@ -135,5 +134,5 @@ def cutout_from_studio_shot(image: Image.Image, max_side: int = sample_data.SCEN
         bbox = Image.fromarray((mask * 255).astype(np.uint8), "L").getbbox()
         rgba = rgba.crop(bbox) if bbox else rgba
     if max(rgba.size) > max_side:
-        rgba = sample_data._resize_longer_side(rgba, max_side)
+        rgba = sample_data.resize_longer_side(rgba, max_side)
     return rgba

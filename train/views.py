@@ -1,7 +1,7 @@
 """Training views of a product: its clean catalog shot, and shopper-like crops made from its cut-out.
 
 A shopper view is what the query path embeds: a real-background scene from
-:func:`train.sample_data.make_shopper_photo` (scale, rotation, blur, noise,
+:func:`imgsearch.sample_data.make_shopper_photo` (scale, rotation, blur, noise,
 JPEG, colour cast, shadow), cropped around the product's box with a jittered
 margin, because at query time the crop comes from a detector box (grown by
 the pipeline's 10 % margin) that is never exactly tight.
@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from train import sample_data
-from train.sample_data import Product, SceneStyle
+from imgsearch import sample_data
+from imgsearch.sample_data import Product, SceneStyle
 
 
 @dataclass(frozen=True)
 class CropJitter:
     """How far a training crop strays from the true box, as fractions of the box's width/height."""
-
     margin: tuple[float, float] = (0.0, 0.25)  # grown on each side by this much (pipeline uses 0.10)
     shift: float = 0.08  # then moved by up to this much either way (a detector's localisation error)
 
@@ -46,7 +45,6 @@ class ViewMaker:
     A product's views depend only on (seed, product id, view number), not on
     which other products are in the run, so a view cache can be reused.
     """
-
     style: SceneStyle = SceneStyle()
     jitter: CropJitter = CropJitter()
 
@@ -61,7 +59,7 @@ class ViewMaker:
         backgrounds = backgrounds if backgrounds is not None else sample_data.list_backgrounds()
         cutout = sample_data.load_cutout(product, max_side=sample_data.SCENE_CUTOUT_MAX_SIDE)
         # A different stream from the eval queries' ([seed, hash, k]): the "view" tag keeps them apart.
-        rng = np.random.default_rng([int(seed), 0x7669, sample_data._stable_hash(product.product_id)])
+        rng = np.random.default_rng([int(seed), 0x7669, sample_data.stable_hash(product.product_id)])
         return [self.catalog_view(product)] + [self.shopper_view(cutout, rng, backgrounds) for _ in range(n_shopper)]
 
     def to_dict(self) -> dict:
@@ -71,7 +69,6 @@ class ViewMaker:
 @dataclass(frozen=True)
 class SceneMaker:
     """Detector training scenes: 1-2 TRAIN products pasted into a real photo, with their boxes."""
-
     style: SceneStyle = SceneStyle()
     max_products: int = 2
 

@@ -1,4 +1,7 @@
-"""CLI handlers for ``imgsearch rebuild`` and ``imgsearch dedup`` (wired in imgsearch/cli.py)."""
+"""CLI handlers for ``imgsearch embed``, ``imgsearch rebuild`` and ``imgsearch dedup`` (wired in imgsearch/cli.py).
+
+embed.pipeline (torch) and the Ray path are imported by the handlers that need them, so ``imgsearch dedup`` never
+loads a network."""
 
 from __future__ import annotations
 
@@ -8,24 +11,20 @@ import logging
 import os
 import sys
 
+from embed.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
 from imgsearch.errors import BadInput
+from index.jobs import dedup
+from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
+from index.jobs.rebuild import LOCK_FILE, RebuildConfig, run_rebuild
+from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
+from index.store.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 
 
-def parse_distributed(spec: str | None) -> str | None:
-    """``ray`` or ``ray:ADDRESS`` -> the Ray address ("" for a local cluster); None when absent."""
-    if spec is None:
-        return None
-    kind, _, address = spec.partition(":")
-    if kind != "ray":
-        raise BadInput(f"--distributed {spec!r}: expected ray or ray:ADDRESS")
-    return address
-
-
 def rebuild_command(args) -> int:
     from embed.pipeline import load_pipeline
-    from index.jobs.rebuild import RebuildConfig, run_rebuild
 
     cfg = RebuildConfig(
         catalog=args.catalog, store=args.store, index_root=args.index_root, keep=args.keep,
@@ -36,9 +35,6 @@ def rebuild_command(args) -> int:
         raise BadInput(f"catalog {cfg.catalog!r} does not exist or is not a file")
     parse_distributed(cfg.distributed)
     # Cheap check first: a second cron run must not pay for loading the model to learn it has nothing to do.
-    from index.jobs.rebuild import LOCK_FILE
-    from index.pidlock import AlreadyRunning, JobLock
-
     os.makedirs(cfg.index_root, exist_ok=True)
     probe = JobLock(os.path.join(cfg.index_root, LOCK_FILE))
     try:
@@ -54,9 +50,6 @@ def rebuild_command(args) -> int:
 
 
 def dedup_command(args) -> int:
-    from index.jobs import dedup
-    from index.store import CatalogStore
-
     verify_threshold = getattr(args, "verify_threshold", None)
     verify_on = bool(getattr(args, "verify", False))
     if args.calibrate and args.threshold is not None:
@@ -70,8 +63,6 @@ def dedup_command(args) -> int:
     cfg = dedup.DedupConfig(k=args.k, block_size=args.block_size, rescore=not args.no_rescore, gpu=args.gpu,
                             nprobe=args.nprobe, image_root=getattr(args, "image_root", None))
     if verify_on:
-        from index.jobs.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
-
         cfg.threshold = DEFAULT_CANDIDATE_THRESHOLD
         cfg.verify = VerifyConfig() if verify_threshold is None else VerifyConfig(max_disagreement=verify_threshold)
         cfg.verify.check()
@@ -93,7 +84,6 @@ def dedup_command(args) -> int:
         if address is not None:
             store.close()
             store = None
-            from index.jobs.distributed import distributed_dedup
 
             result = distributed_dedup(args.store, args.index_root, dataclasses.replace(cfg, verify=None), address)
             if cfg.verify is not None:  # the candidates came from the cluster; images are verified here
@@ -112,13 +102,28 @@ def dedup_command(args) -> int:
 
 
 def embed_distributed(args) -> int:
-    """``imgsearch embed --distributed ray[:ADDRESS]`` (called from embed.commands)."""
+    """``imgsearch embed --distributed ray[:ADDRESS]``."""
     from embed.pipeline import load_pipeline
-    from index.jobs.distributed import distributed_ingest
 
     address = parse_distributed(args.distributed)
     pipeline = load_pipeline(args.model, batch_size=args.batch_size)
     summary = distributed_ingest(args.catalog, args.store, pipeline, address, batch_size=args.batch_size,
                                  model_spec=args.model)
+    print(f"imgsearch embed: {summary.line()}")
+    return 0
+
+
+def embed_command(args) -> int:
+    """``imgsearch embed CATALOG --store STORE``: catalog rows -> detect -> crop -> vectors -> the store."""
+    if args.distributed:
+        return embed_distributed(args)
+    from embed.pipeline import load_pipeline
+
+    pipeline = load_pipeline(args.model, batch_size=args.batch_size)
+    log.info("embedding with model %s (runtime %s, detector %s)", pipeline.model_hash[:16], pipeline.embedder.runtime,
+             pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
+    with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
+        summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=sys.stderr.isatty(),
+                                 model=pipeline.model_hash)
     print(f"imgsearch embed: {summary.line()}")
     return 0

@@ -14,7 +14,7 @@
 
 Verification (``DedupConfig.verify``, CLI ``--verify``): the threshold above is then a
 recall-oriented *candidate* threshold, and each candidate product pair is confirmed by comparing
-the images themselves (:mod:`index.jobs.verify`: alignment + colour-invariant structure); only
+the images themselves (:mod:`embed.verify`: alignment + colour-invariant structure); only
 confirmed pairs reach union-find. The score in the output stays the embedding similarity.
 Candidates are verified in sorted order with bounded caches of prepared images; a pair whose
 images cannot be read is counted as unverifiable and left out, never a crash.
@@ -40,8 +40,13 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from embed.verify import ProductVerifier, candidate_threshold, choose_verify_thresholds
+from imgsearch.atomic import write_bytes_atomic
+from imgsearch.calibration import precision_cut
 from imgsearch.errors import BadInput
-from index.jobs.calibration import precision_cut
+from index.ann.build import Progress
+from index.ann.search import open_index
+from index.ann.versions import write_json_atomic
 from index.jobs.unionfind import UnionFind
 
 log = logging.getLogger(__name__)
@@ -70,7 +75,7 @@ class DedupConfig:
     margin: float = DEFAULT_MARGIN
     gpu: str = "auto"
     nprobe: int | None = None
-    verify: object | None = None  # index.jobs.verify.VerifyConfig: verify candidate pairs on the images
+    verify: object | None = None  # embed.verify.VerifyConfig: verify candidate pairs on the images
     image_root: str | None = None  # where relative catalog image paths resolve (records without a path)
 
     def check(self) -> None:
@@ -90,7 +95,6 @@ class DedupConfig:
 @dataclasses.dataclass
 class PairBatch:
     """Product-level pairs found in one block: keys ``a < b`` (int64), best score, key -> product id."""
-
     a: np.ndarray
     b: np.ndarray
     score: np.ndarray
@@ -209,8 +213,6 @@ def pairs_of_groups(groups: list[dict]) -> list[tuple[str, str, float]]:
 
 def write_groups(groups: list[dict], output: str) -> None:
     """One JSON object per line, written atomically (temp file + os.replace)."""
-    from imgsearch.atomic import write_bytes_atomic
-
     data = "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in groups).encode("utf-8")
     write_bytes_atomic(output, data)
 
@@ -223,7 +225,7 @@ class DedupResult:
     seconds: float
     version: str
     threshold: float
-    verify: dict | None = None  # verification counts (index.jobs.verify.ProductVerifier.stats)
+    verify: dict | None = None  # verification counts (embed.verify.ProductVerifier.stats)
 
     def line(self) -> str:
         products = sum(len(g["products"]) for g in self.groups)
@@ -247,9 +249,6 @@ def count_live_vectors(store) -> int:
 
 def run_dedup(store, index_root: str, cfg: DedupConfig, *, progress: bool = True, idx=None) -> DedupResult:
     """Single-process self-join over ``store`` (an open CatalogStore) against the live index."""
-    from index.build import Progress
-    from index.searcher import open_index
-
     cfg.check()
     t0 = time.monotonic()
     if idx is None:
@@ -274,8 +273,6 @@ def run_dedup(store, index_root: str, cfg: DedupConfig, *, progress: bool = True
 def verify_result(result: DedupResult, store, cfg: DedupConfig, *, progress: bool = False) -> DedupResult:
     """Keep only the candidate pairs of ``result`` that verification confirms on the images, and
     regroup them. Candidates are taken in sorted order (image caches stay warm)."""
-    from index.jobs.verify import ProductVerifier
-
     t0 = last = time.monotonic()
     candidates = pairs_of_groups(result.groups)
     verifier = ProductVerifier(store, cfg.verify, cfg.image_root)
@@ -380,8 +377,6 @@ def calibrate(store, labels_path: str, target_precision: float, *, verify=None, 
     if verify is None:
         result = choose_threshold(scores, labels, target_precision)
     else:
-        from index.jobs.verify import candidate_threshold, choose_verify_thresholds
-
         candidate = candidate_threshold(scores, labels)
         dis, unreadable = verification_scores(store, pairs, scores, verify, image_root, min_similarity=candidate)
         result = choose_verify_thresholds(scores, dis, labels, target_precision, candidate)
@@ -397,8 +392,6 @@ def verification_scores(store, pairs: list[LabelledPair], similarity: np.ndarray
     """Lowest disagreement of each labelled product pair over its image pairs (inf: not compared,
     similarity below ``min_similarity``, no alignment with enough overlap, or an unreadable
     image), and how many pairs had no readable image pair."""
-    from index.jobs.verify import ProductVerifier
-
     verifier = ProductVerifier(store, verify, image_root)
     out = np.full(len(pairs), np.inf, np.float64)
     order = sorted(range(len(pairs)), key=lambda i: (pairs[i].a, pairs[i].b))
@@ -418,8 +411,6 @@ def job_config_path(output: str) -> str:
 def write_job_config(output: str, cfg: DedupConfig, result: DedupResult, calibration: dict | None = None,
                      index_root: str | None = None, store: str | None = None) -> str:
     """The job's settings (thresholds included) and counts, next to the output (atomic)."""
-    from index.versions import write_json_atomic
-
     products = sum(len(g["products"]) for g in result.groups)
     doc = {"output": os.path.basename(output), "store": store, "index_root": index_root,
            "index_version": result.version, "config": cfg.to_json(), "calibration": calibration,

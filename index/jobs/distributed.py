@@ -4,11 +4,11 @@
   per actor where the cluster has GPUs) reads each file, skips it when its content hash and model
   match the stored record, else decodes and embeds it, and writes a per-worker output file
   (pixel hash -> vector). The single writer (this process, holding the store's write lock) then
-  runs the ordinary :func:`index.catalog.ingest_catalog` with an ``embed_fn`` that takes those
+  runs the ordinary :func:`index.store.ingest.ingest_catalog` with an ``embed_fn`` that takes those
   vectors, so rejects, deletes, counts and kill-safety are exactly the single-process ones; an
   image a worker did not embed is embedded locally.
 - **build**: one quantizer is trained here, then each shard is built by a Ray task with
-  :func:`index.build.build_shard` from that ``trained.faiss``, reading the store itself.
+  :func:`index.ann.build.build_shard` from that ``trained.faiss``, reading the store itself.
 - **dedup**: the self-join is split by query blocks over an actor pool (each actor opens the index
   and the store read-only); per-block results are merged exactly as in the single process.
 
@@ -29,11 +29,30 @@ import uuid
 
 import numpy as np
 
-from imgsearch.errors import NotImplementedYet
+from embed.image_io import decode_image
+from imgsearch.errors import BadInput, NotImplementedYet
+from index.ann import versions
+from index.ann.build import Progress, build_shard, build_version
+from index.ann.search import open_index
+from index.ann.sources import DEFAULT_BLOCK, store_source
+from index.jobs.dedup import DedupResult, DedupWorker, PairCollector, count_live_vectors
+from index.store import CatalogStore
+from index.store.catalog import CatalogRow, read_catalog
+from index.store.ingest import ingest_catalog
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2
+
+
+def parse_distributed(spec: str | None) -> str | None:
+    """``ray`` or ``ray:ADDRESS`` -> the Ray address ("" for a local cluster); None when absent."""
+    if spec is None:
+        return None
+    kind, _, address = spec.partition(":")
+    if kind != "ray":
+        raise BadInput(f"--distributed {spec!r}: expected ray or ray:ADDRESS")
+    return address
 
 
 def connect(address: str | None):
@@ -77,9 +96,6 @@ class _EmbedActor:
         self.model = model
 
     def __call__(self, batch: dict) -> dict:
-        from embed.image_io import decode_image
-        from imgsearch.errors import BadInput
-
         images, keys = [], []
         for path, old_hash, old_model in zip(batch["path"], batch["old_hash"], batch["old_model"]):
             try:
@@ -106,7 +122,6 @@ def _plan_rows(catalog: str, store) -> list[dict]:
     """Catalog rows with the stored content hash/model (workers skip unchanged images themselves)."""
     from pathlib import Path
 
-    from index.catalog import CatalogRow, read_catalog
 
     base = Path(catalog).resolve().parent
     rows = [r for r in read_catalog(catalog) if isinstance(r, CatalogRow)]
@@ -124,9 +139,6 @@ def _plan_rows(catalog: str, store) -> list[dict]:
 def distributed_ingest(catalog: str, store_path: str, embedder, address: str | None, *, batch_size: int = 32,
                        model_spec: str | None = None, embedder_factory=None):
     """Embed on a Ray actor pool, then ingest in this process (the single writer)."""
-    from index.catalog import ingest_catalog
-    from index.store import CatalogStore
-
     ray = connect(address)
     if embedder_factory is None:
         if model_spec is not None or type(embedder).__name__ == "QueryPipeline":
@@ -195,9 +207,6 @@ def _embed_on_ray(ray, rows: list[dict], embedder_factory, out_dir: str, model: 
 
 
 def _store_blocks(store_path: str, block_size: int):
-    from index.sources import store_source
-    from index.store import CatalogStore
-
     store = CatalogStore.open_readonly(store_path)
     try:
         yield from store_source(store).blocks(block_size)
@@ -206,9 +215,6 @@ def _store_blocks(store_path: str, block_size: int):
 
 
 def _build_shard_task(trained_path: str, store_path: str, shard_no: int, n_shards: int, out_dir: str, rerank: bool):
-    from index.build import build_shard
-    from index.sources import DEFAULT_BLOCK
-
     return build_shard(trained_path, lambda bs=DEFAULT_BLOCK: _store_blocks(store_path, bs), shard_no, n_shards,
                        out_dir, rerank=rerank)
 
@@ -218,8 +224,6 @@ def distributed_build(source, index_root: str, address: str | None, *, store_pat
                       seed: int = 0):
     """``build_version`` with its shards built as parallel Ray tasks: train once here, tune,
     commit (not publish: the rebuild job validates first)."""
-    from index.build import build_version
-
     ray = connect(address)
     task = ray.remote(num_cpus=1)(_build_shard_task)
 
@@ -237,10 +241,6 @@ def distributed_build(source, index_root: str, address: str | None, *, store_pat
 
 class _DedupActor:
     def __init__(self, store_path: str, index_root: str, version: str, cfg):
-        from index.jobs.dedup import DedupWorker
-        from index.searcher import open_index
-        from index.store import CatalogStore
-
         self.store = CatalogStore.open_readonly(store_path)
         deleted = np.fromiter(self.store.deleted_ids(), dtype=np.int64)
         idx = open_index(index_root, version=version, gpu=cfg.gpu, deleted_ids=deleted)
@@ -252,11 +252,6 @@ class _DedupActor:
 
 def distributed_dedup(store_path: str, index_root: str, cfg, address: str | None):
     """The self-join split by query blocks over an actor pool; the same output as ``run_dedup``."""
-    from index import versions
-    from index.build import Progress
-    from index.jobs.dedup import DedupResult, PairCollector, count_live_vectors
-    from index.store import CatalogStore
-
     cfg.check()
     ray = connect(address)
     from ray.util import ActorPool

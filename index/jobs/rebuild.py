@@ -1,7 +1,6 @@
 """``imgsearch rebuild CATALOG --store STORE --index-root ROOT``: the cron entry.
 
 Stages (each logged as ``rebuild: stage NAME``):
-
 1. **lock**: ``INDEX_ROOT/.rebuild.lock`` (flock + pid). A second run exits 0 with
    "another rebuild is running (pid N)".
 2. **ingest**: the catalog diff into the store (new/changed images embedded, missing products
@@ -42,8 +41,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
-from index import versions
-from index.pidlock import AlreadyRunning, JobLock
+from index.ann import build as build_mod
+from index.ann import tune, versions
+from index.ann.build import build_version
+from index.ann.search import open_index
+from index.ann.sources import sample_rows, store_source
+from index.jobs.distributed import distributed_build, distributed_ingest, parse_distributed
+from index.store import CatalogStore
+from index.store.ingest import ingest_catalog
+from index.store.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +126,14 @@ def pause_point(stage: str) -> None:
 class _BuildHooks:
     """Pause points inside ``build_version`` (train, add) for the kill tests.
 
-    ``index.build`` has no stage callback yet, so when (and only when) the test hook is set,
+    ``index.ann.build`` has no stage callback yet, so when (and only when) the test hook is set,
     its module-level ``train_index``/``build_shard`` are wrapped for the duration of the build.
     """
-
     saved: dict = dataclasses.field(default_factory=dict)
 
     def __enter__(self):
         if os.environ.get(PAUSE_ENV) not in ("train", "add"):
             return self
-        from index import build as build_mod
 
         self.saved = {"train_index": build_mod.train_index, "build_shard": build_mod.build_shard}
 
@@ -146,8 +150,6 @@ class _BuildHooks:
 
     def __exit__(self, *exc):
         if self.saved:
-            from index import build as build_mod
-
             for name, fn in self.saved.items():
                 setattr(build_mod, name, fn)
 
@@ -259,10 +261,6 @@ def notify_servers(urls: Sequence[str], version: str, token: str | None = None) 
 def validate_version(index_root: str, name: str, source, *, target_recall: float, model: str | None,
                      seed: int = 0, n_queries: int = VALIDATION_QUERIES, smoke_items: int = SMOKE_ITEMS) -> dict:
     """Check a built (unpublished) version through the real read path; raise ValidationFailed."""
-    from index import tune
-    from index.build import sample_rows
-    from index.searcher import open_index
-
     t0 = time.monotonic()
     idx = open_index(index_root, version=name)
     metric = idx.metric
@@ -323,9 +321,6 @@ def run_rebuild(cfg: RebuildConfig, embedder) -> RebuildResult:
 
 
 def _ingest(cfg: RebuildConfig, embedder):
-    from index.catalog import ingest_catalog
-    from index.store import CatalogStore
-
     calls = {"n": 0}
 
     def embed_fn(images):
@@ -336,9 +331,6 @@ def _ingest(cfg: RebuildConfig, embedder):
 
     log.info("rebuild: stage ingest")
     if cfg.distributed:
-        from index.jobs.commands import parse_distributed
-        from index.jobs.distributed import distributed_ingest
-
         return distributed_ingest(cfg.catalog, cfg.store, embedder, parse_distributed(cfg.distributed),
                                   batch_size=cfg.batch_size, model_spec=cfg.model_spec)
     with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
@@ -347,9 +339,6 @@ def _ingest(cfg: RebuildConfig, embedder):
 
 
 def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
-    from index.sources import store_source
-    from index.store import CatalogStore
-
     previous, live_manifest = live_version(cfg.index_root)
     summary = _ingest(cfg, embedder)
     log.info("rebuild: ingest %s", summary.line())
@@ -398,13 +387,9 @@ def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
 
 def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | None):
     if cfg.distributed:
-        from index.jobs.commands import parse_distributed
-        from index.jobs.distributed import distributed_build
-
         return distributed_build(source, cfg.index_root, parse_distributed(cfg.distributed), store_path=cfg.store,
                                  factory=factory, shards=shards, metric=metric, target_recall=cfg.target_recall,
                                  gpu=cfg.gpu, seed=cfg.seed)
-    from index.build import build_version
 
     with _BuildHooks():
         return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,

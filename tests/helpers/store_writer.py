@@ -36,8 +36,8 @@ def slow_embed(delay: float):
 
 
 def role_ingest(args) -> None:
-    from index.catalog import ingest_catalog
     from index.store import CatalogStore
+    from index.store.ingest import ingest_catalog
 
     with CatalogStore.create_or_open(args.store, vector_dtype="float32", initial_map_size=args.map_size) as store:
         print("opened", flush=True)

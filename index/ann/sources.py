@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgsearch.errors import BadInput
+from imgsearch.errors import BadInput, JobFailed
 
 Block = tuple[np.ndarray, np.ndarray]
 BlockIter = Callable[[int], Iterator[Block]]
@@ -136,3 +136,21 @@ def store_category_of(store) -> Callable[[np.ndarray], list]:
         return [None if r is None else r.category for r in store.get_many(int(i) for i in ids)]
 
     return category_of
+
+
+def sample_rows(source: VectorSource, size: int, seed: int, block_size: int = DEFAULT_BLOCK):
+    """(ids, vectors) of ``size`` rows drawn uniformly (seeded) from one pass over the stream."""
+    size = min(size, source.n)
+    rng = np.random.default_rng(seed)
+    wanted = np.sort(rng.choice(source.n, size=size, replace=False)) if size < source.n else np.arange(source.n)
+    xs, ids_out, start = [], [], 0
+    for ids, x in source.blocks(block_size):
+        stop = start + len(ids)
+        lo, hi = np.searchsorted(wanted, [start, stop])
+        if hi > lo:
+            local = wanted[lo:hi] - start
+            xs.append(x[local]), ids_out.append(ids[local])
+        start = stop
+    if start != source.n:
+        raise JobFailed(f"source {source.description!r} streamed {start} vectors, expected {source.n}")
+    return np.concatenate(ids_out), np.ascontiguousarray(np.concatenate(xs), dtype=np.float32)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import logging
 import time
 
+import faiss
 import numpy as np
 
-from index.sources import DEFAULT_BLOCK, VectorSource
+from index.ann.parts import open_part
+from index.ann.search import IndexVersion
+from index.ann.sources import DEFAULT_BLOCK, VectorSource, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,6 @@ RERANK_UNITS = 20.0
 
 
 def noisy_queries(source: VectorSource, n: int, seed: int, metric: str) -> np.ndarray:
-    from index.build import sample_rows
-
     _, x = sample_rows(source, n, seed + 1)
     rng = np.random.default_rng(seed + 2)
     scale = NOISE * np.linalg.norm(x, axis=1, keepdims=True) / np.sqrt(x.shape[1])
@@ -44,8 +45,6 @@ def noisy_queries(source: VectorSource, n: int, seed: int, metric: str) -> np.nd
 
 def exact_knn(source: VectorSource, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Exact (keys, ids) streamed over the source; keys ascending (ip keys are -similarity)."""
-    import faiss
-
     mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
     n = queries.shape[0]
     best_k = np.full((n, 0), np.inf, np.float32)
@@ -119,8 +118,6 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float) -> dict:
 def tune_version(vdir: str, manifest: dict, source: VectorSource, target: float, *, seed: int = 0,
                  queries: np.ndarray | None = None, n_queries: int = N_QUERIES) -> dict:
     """Tune a staged version directory (manifest not yet written) and return manifest fields."""
-    from index.searcher import IndexVersion, _open_part
-
     metric = manifest["metric"]
     if queries is None:
         queries = noisy_queries(source, min(n_queries, source.n), seed, metric)
@@ -132,7 +129,7 @@ def tune_version(vdir: str, manifest: dict, source: VectorSource, target: float,
     _, truth = exact_knn(source, queries, K, metric)
     draft = dict(manifest, version=manifest.get("version", "staging"),
                  search_defaults={"nprobe": 1, "rerank_factor": 1})
-    parts = [_open_part(vdir, s, manifest["dim"], False) for s in manifest["shard_files"]]
+    parts = [open_part(vdir, s, manifest["dim"], False) for s in manifest["shard_files"]]
     idx = IndexVersion(vdir, draft, parts, np.empty(0, np.int64), None)
     out = tune(idx, truth, queries, target)
     out["tuning_queries"] = query_kind

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 
+import faiss
+
 from imgsearch.errors import BadInput
+from index.ann.params import search_params
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,6 @@ GPU_MAX_K = 2048
 
 
 def gpu_count() -> int:
-    try:
-        import faiss
-    except ImportError:
-        return 0
     get = getattr(faiss, "get_num_gpus", None)
     try:
         return int(get()) if get is not None else 0
@@ -35,8 +34,6 @@ def gpu_count() -> int:
 
 
 def cloner_options(indices_cpu: bool = False):
-    import faiss
-
     co = faiss.GpuMultipleClonerOptions()
     co.shard = True  # split each index across GPUs: memory scales with the GPU count
     co.useFloat16LookupTables = True  # PQ tables in fp16: needed for M >= 56 in shared memory
@@ -48,8 +45,6 @@ def cloner_options(indices_cpu: bool = False):
 
 def to_gpus(cpu_index, indices_cpu: bool = False):
     """A GPU clone of ``cpu_index`` over all GPUs, or None when this index cannot go there."""
-    import faiss
-
     try:
         return faiss.index_cpu_to_all_gpus(cpu_index, co=cloner_options(indices_cpu))
     except (RuntimeError, AttributeError) as exc:
@@ -75,9 +70,7 @@ def attach(idx, required: bool = False) -> int:
 
 def search(gpu_index, cpu_index, q, fetch: int, nprobe: int):
     """Search on GPU when k-selection allows it, else on the CPU copy of the same part."""
-    import faiss
 
-    from index.searcher import search_params
 
     if fetch > GPU_MAX_K:
         params, _keep = search_params(cpu_index, nprobe)
@@ -93,8 +86,6 @@ def search(gpu_index, cpu_index, q, fetch: int, nprobe: int):
 
 def use_gpu_for_training(index, required: bool = False) -> bool:
     """k-means of the coarse quantizer on the GPUs (the dominant training cost)."""
-    import faiss
-
     if gpu_count() == 0:
         if required:
             raise BadInput("gpu='on': no GPU is visible to faiss")

@@ -10,24 +10,24 @@ import sys
 
 import numpy as np
 
+from imgsearch.atomic import write_bytes_atomic
 from imgsearch.errors import BadInput
+from index.ann.build import build_version
+from index.ann.factory import parse_bytes
+from index.ann.search import open_index
+from index.ann.sources import npy_source, store_source
+from index.store import CatalogStore, product_results
 
 log = logging.getLogger(__name__)
 
 
 def _open_store(path: str):
-    from index.store import CatalogStore
-
     if not os.path.isdir(path):
         raise BadInput(f"store {path!r} does not exist")
     return CatalogStore.open_readonly(path)
 
 
 def build_command(args) -> int:
-    from index.build import build_version
-    from index.factory import parse_bytes
-    from index.sources import npy_source, store_source
-
     store = None
     if getattr(args, "store", None):
         if args.ids:
@@ -63,16 +63,12 @@ def _load_queries(path: str) -> np.ndarray:
 
 
 def _save_npz_atomic(path: str, **arrays) -> None:
-    from imgsearch.atomic import write_bytes_atomic
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_bytes_atomic(path if path.endswith(".npz") else path, buf.getvalue())
 
 
 def search_command(args) -> int:
-    from index.searcher import open_index
-
     if args.images and args.vectors:
         raise BadInput("give IMAGE arguments or --vectors Q.npy, not both")
     if args.images:
@@ -106,7 +102,6 @@ def _search_images(args) -> int:
     import time
 
     from embed.pipeline import best_cosines, load_pipeline
-    from index.searcher import open_index
 
     pipeline = load_pipeline(getattr(args, "model", None))
     store = _open_store(args.store) if args.store else None
@@ -135,8 +130,6 @@ def _search_images(args) -> int:
 
 def _join(store, scores, ids, k: int) -> list[dict]:
     if store is not None:
-        from index.store import product_results
-
         return product_results(store, scores, ids, k)
     # No store to name products: each id stands for itself.
     return [{"product_id": str(item), "score": round(float(score), 6), "category": None, "image": None, "metadata": {}}

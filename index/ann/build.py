@@ -15,13 +15,17 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
-from index import factory as factory_mod
-from index import versions
-from index.searcher import shard_prefix
-from index.sources import DEFAULT_BLOCK, Block, VectorSource
+from index.ann import factory as factory_mod
+from index.ann import gpu as gpu_mod
+from index.ann import tune as tune_mod
+from index.ann import versions
+from index.ann.gpu import gpu_count
+from index.ann.parts import shard_prefix
+from index.ann.sources import DEFAULT_BLOCK, Block, VectorSource, sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +83,8 @@ def training_size(n: int, nlist: int | None) -> int:
     return int(min(n, max(100_000, 64 * (nlist or 0))))
 
 
-def sample_rows(source: VectorSource, size: int, seed: int, block_size: int = DEFAULT_BLOCK):
-    """(ids, vectors) of ``size`` rows drawn uniformly (seeded) from one pass over the stream."""
-    size = min(size, source.n)
-    rng = np.random.default_rng(seed)
-    wanted = np.sort(rng.choice(source.n, size=size, replace=False)) if size < source.n else np.arange(source.n)
-    xs, ids_out, start = [], [], 0
-    for ids, x in source.blocks(block_size):
-        stop = start + len(ids)
-        lo, hi = np.searchsorted(wanted, [start, stop])
-        if hi > lo:
-            local = wanted[lo:hi] - start
-            xs.append(x[local]), ids_out.append(ids[local])
-        start = stop
-    if start != source.n:
-        raise JobFailed(f"source {source.description!r} streamed {start} vectors, expected {source.n}")
-    return np.concatenate(ids_out), np.ascontiguousarray(np.concatenate(xs), dtype=np.float32)
-
-
 # -- training ------------------------------------------------------------------------------
 def supports_ids(index) -> bool:
-    import faiss
-
     if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return True
     try:
@@ -112,15 +96,11 @@ def supports_ids(index) -> bool:
 
 def train_index(factory: str, dim: int, metric: str, sample: np.ndarray, gpu: str = "off"):
     """The empty trained index for ``factory`` (wrapped in IDMap when it lacks own ids)."""
-    import faiss
-
     index = factory_mod.validate_factory(factory, dim, metric)
     if not supports_ids(index):
         index = faiss.IndexIDMap(index)
     if not index.is_trained:
         if gpu != "off":
-            from index import gpu as gpu_mod
-
             gpu_mod.use_gpu_for_training(index, required=(gpu == "on"))
         t0 = time.monotonic()
         index.train(sample)
@@ -129,8 +109,6 @@ def train_index(factory: str, dim: int, metric: str, sample: np.ndarray, gpu: st
 
 
 def _write_index(index, path: str) -> None:
-    import faiss
-
     tmp = path + ".tmp"
     faiss.write_index(index, tmp)
     os.replace(tmp, path)
@@ -149,8 +127,6 @@ def build_shard(trained_path: str, block_iter: Callable | Iterable[Block], shard
     ``out_dir`` (default: the folder of ``trained_path``) and returns the manifest entry.
     Labels inside the faiss index are row numbers; ``ids.i64`` maps row -> id.
     """
-    import faiss
-
     out_dir = out_dir or os.path.dirname(os.path.abspath(trained_path))
     prefix = os.path.join(out_dir, shard_prefix(shard_no, n_shards))
     index = faiss.read_index(trained_path)
@@ -233,8 +209,6 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     this process; :mod:`index.jobs.distributed` passes Ray tasks); ``build_notes`` are added to
     the manifest's ``build_config``.
     """
-    from index import tune as tune_mod
-
     t0 = time.monotonic()
     metric = metric or source.default_metric
     factory_mod.metric_type(metric)
@@ -273,7 +247,6 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
 def _resolve_gpu(gpu: str) -> str:
     if gpu == "off":
         return "off"
-    from index.gpu import gpu_count
 
     if gpu_count() == 0:
         if gpu == "on":
@@ -296,8 +269,6 @@ def local_shard_builder(source: VectorSource) -> ShardBuilder:
 
 def _build_into(staging: str, source: VectorSource, choice, shards: int, metric: str, gpu: str, seed: int,
                 shard_builder: ShardBuilder) -> dict:
-    import faiss
-
     t_train = time.monotonic()
     size = training_size(source.n, choice.nlist)
     _, sample = sample_rows(source, size, seed)
@@ -339,8 +310,6 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
 
 
 def _bytes_per_vector(staging: str, entries: list, ntotal: int, trained) -> dict:
-    import faiss
-
     size = lambda f: os.path.getsize(os.path.join(staging, f)) if f else 0  # noqa: E731
     index_bytes = sum(size(e["index"]) for e in entries)
     all_bytes = sum(size(e[k]) for e in entries for k in ("index", "ids", "sorted_ids", "order", "rerank"))

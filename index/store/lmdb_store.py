@@ -12,7 +12,7 @@ big-endian ids so cursors walk them in id order):
 | ``products`` | blake2b-16(product_id) + id    | empty (product -> ids index)            |
 
 Next to the environment: ``write.lock`` (flock held by the one writer, holding
-its pid) and ``rejects.jsonl`` (written by :mod:`index.catalog`).
+its pid) and ``rejects.jsonl`` (written by :mod:`index.store.catalog`).
 
 A record and its vector are always written in the same transaction, so a
 reader (or a writer killed mid-ingest) never sees one without the other.
@@ -21,11 +21,9 @@ reader (or a writer killed mid-ingest) never sees one without the other.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Self
@@ -34,8 +32,19 @@ import lmdb
 import numpy as np
 
 from imgsearch.clock import utc_now
-from imgsearch.errors import BadInput, ImgsearchError
-from index.pidlock import AlreadyRunning, JobLock
+from imgsearch.errors import BadInput
+from index.store.pidlock import StoreWriteLock
+from index.store.records import (
+    ID_MASK,
+    MAX_ID_SALTS,
+    ItemRecord,
+    StoreError,
+    StoreNotFound,
+    id_of,
+    item_id,
+    key_of,
+    product_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,126 +58,9 @@ READER_MAP_SIZE = 1 << 40
 # Doubling from 64 MiB reaches exabytes long before this; a bound turns a
 # runaway loop into an error.
 MAX_MAP_GROWTHS = 48
-# Salted rehashes tried before giving up on an id; one collision in 2**63 is
-# already rare, several in a row mean the hash function is broken.
-MAX_ID_SALTS = 64
-ID_MASK = (1 << 63) - 1
 
 _STORE_KEY = b"store"
 _DB_NAMES = (b"meta", b"items", b"vectors", b"deleted", b"products")
-_ID_STRUCT = struct.Struct(">Q")
-
-
-class StoreError(ImgsearchError):
-    """The store cannot be opened or written (missing, locked, inconsistent)."""
-
-    code = "store_error"
-
-
-class StoreNotFound(StoreError, BadInput):
-    code = "store_not_found"
-    exit_status = 2
-
-
-class StoreLocked(StoreError):
-    """Another process holds the store's write lock."""
-
-    code = "store_locked"
-
-
-# ---------------------------------------------------------------- ids
-
-
-def _hash64(payload: bytes) -> int:
-    """63-bit non-negative hash; a module function so tests can force collisions."""
-    digest = hashlib.blake2b(payload, digest_size=8, person=b"imgsearch-item").digest()
-    return int.from_bytes(digest, "big") & ID_MASK
-
-
-def _id_payload(product_id: str, image: str, salt: int) -> bytes:
-    # Length-prefixed fields: no choice of strings can make two pairs encode alike.
-    pid, img = product_id.encode("utf-8"), image.encode("utf-8")
-    return b"".join((struct.pack(">I", len(pid)), pid, struct.pack(">I", len(img)), img, struct.pack(">I", salt)))
-
-
-def item_id(product_id: str, image: str, salt: int = 0) -> int:
-    """The stable int64 id of the catalog item (product_id, image path as given in the catalog).
-
-    Non-negative and below 2**63, so it is a valid faiss id and never the -1 padding.
-    The store uses ``salt`` > 0 only when a different item already owns the salt-0 id.
-    """
-    return _hash64(_id_payload(product_id, image, salt))
-
-
-def _key(item_id_: int) -> bytes:
-    return _ID_STRUCT.pack(item_id_)
-
-
-def _id_of(key: bytes) -> int:
-    return _ID_STRUCT.unpack(key)[0]
-
-
-def _product_prefix(product_id: str) -> bytes:
-    # Fixed-width prefix: LMDB keys are capped at 511 bytes, product ids are not.
-    return hashlib.blake2b(product_id.encode("utf-8"), digest_size=16).digest()
-
-
-# ---------------------------------------------------------------- records
-
-
-@dataclasses.dataclass(frozen=True)
-class ItemRecord:
-    """One catalog image. ``id`` and the timestamps are assigned by the store on write."""
-
-    product_id: str
-    image: str  # the path as given in the catalog
-    path: str = ""  # the resolved absolute path it was read from
-    category: str | None = None
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-    content_hash: str = ""  # sha256 hex of the image file's bytes
-    deleted: bool = False
-    id: int | None = None
-    created_at: str | None = None
-    updated_at: str | None = None
-    deleted_at: str | None = None
-    model: str | None = None  # hash of the embedder that made the stored vector (None: unknown)
-
-    def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def from_json(cls, data: bytes) -> ItemRecord:
-        return cls(**json.loads(data))
-
-    def same_content_and_fields(self, other: ItemRecord) -> bool:
-        """True when writing ``other`` over ``self`` would change nothing but timestamps."""
-        fields = ("product_id", "image", "path", "category", "metadata", "content_hash", "deleted")
-        return all(getattr(self, name) == getattr(other, name) for name in fields)
-
-
-# ---------------------------------------------------------------- write lock
-
-
-class _WriteLock:
-    """The pid lock on ``STORE/write.lock``, reported as :class:`StoreLocked` when another writer holds it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._lock = JobLock(path)
-
-    def acquire(self) -> None:
-        try:
-            self._lock.acquire()
-        except AlreadyRunning as exc:
-            raise StoreLocked(
-                f"store {str(self.path.parent)!r} is locked for writing by pid {exc.pid} "
-                f"(flock on {str(self.path)!r}); one writer at a time"
-            ) from None
-
-    def release(self) -> None:
-        self._lock.release()
-
-
 # ---------------------------------------------------------------- the store
 
 
@@ -176,7 +68,7 @@ class CatalogStore:
     """Items, metadata and vectors of one catalog. Open with :meth:`create_or_open` (the one
     writer) or :meth:`open_readonly` (any number of readers, in any process, concurrently)."""
 
-    def __init__(self, path: Path, env: lmdb.Environment, dbs: dict[bytes, Any], readonly: bool, lock: _WriteLock | None):
+    def __init__(self, path: Path, env: lmdb.Environment, dbs: dict[bytes, Any], readonly: bool, lock: StoreWriteLock | None):
         self.path = path
         self.readonly = readonly
         self._env = env
@@ -206,7 +98,7 @@ class CatalogStore:
         if path.exists() and not path.is_dir():
             raise BadInput(f"store path {str(path)!r} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
-        lock = _WriteLock(path / "write.lock")
+        lock = StoreWriteLock(path / "write.lock")
         lock.acquire()
         env = None
         try:
@@ -370,7 +262,7 @@ class CatalogStore:
         items = self._dbs[b"items"]
         for salt in range(MAX_ID_SALTS):
             candidate = item_id(product_id, image, salt)
-            raw = txn.get(_key(candidate), db=items)
+            raw = txn.get(key_of(candidate), db=items)
             if raw is None:
                 return candidate if claim else None
             owner = ItemRecord.from_json(raw)
@@ -401,7 +293,7 @@ class CatalogStore:
     def _get_vector_in_txn(self, txn, item_id_: int) -> bytes | None:
         if not 0 <= item_id_ <= ID_MASK:
             return None
-        return txn.get(_key(item_id_), db=self._dbs[b"vectors"])
+        return txn.get(key_of(item_id_), db=self._dbs[b"vectors"])
 
     # -- writing
 
@@ -436,7 +328,7 @@ class CatalogStore:
 
     def _put_in_txn(self, txn, record: ItemRecord, vector: np.ndarray | None, now: str) -> ItemRecord:
         new_id = self._find_id_in_txn(txn, record.product_id, record.image, claim=True)
-        key = _key(new_id)
+        key = key_of(new_id)
         old = self._get_in_txn(txn, new_id)
         stored = dataclasses.replace(
             record,
@@ -446,7 +338,7 @@ class CatalogStore:
             deleted_at=(old.deleted_at if old and old.deleted else now) if record.deleted else None,
         )
         txn.put(key, stored.to_json(), db=self._dbs[b"items"])
-        txn.put(_product_prefix(stored.product_id) + key, b"", db=self._dbs[b"products"])
+        txn.put(product_prefix(stored.product_id) + key, b"", db=self._dbs[b"products"])
         if stored.deleted:
             txn.put(key, b"", db=self._dbs[b"deleted"])
         else:
@@ -467,8 +359,8 @@ class CatalogStore:
         if record is None or record.deleted:
             return False
         stored = dataclasses.replace(record, deleted=True, deleted_at=now, updated_at=now)
-        txn.put(_key(item_id_), stored.to_json(), db=self._dbs[b"items"])
-        txn.put(_key(item_id_), b"", db=self._dbs[b"deleted"])
+        txn.put(key_of(item_id_), stored.to_json(), db=self._dbs[b"items"])
+        txn.put(key_of(item_id_), b"", db=self._dbs[b"deleted"])
         return True
 
     def delete_product(self, product_id: str) -> int:
@@ -480,7 +372,7 @@ class CatalogStore:
     def _get_in_txn(self, txn, item_id_: int) -> ItemRecord | None:
         if not 0 <= item_id_ <= ID_MASK:  # e.g. faiss's -1 padding: never an item
             return None
-        raw = txn.get(_key(item_id_), db=self._dbs[b"items"])
+        raw = txn.get(key_of(item_id_), db=self._dbs[b"items"])
         return None if raw is None else ItemRecord.from_json(raw)
 
     def get(self, item_id_: int) -> ItemRecord | None:
@@ -493,7 +385,7 @@ class CatalogStore:
             return [self._get_in_txn(txn, int(i)) for i in ids]
 
     def items_of_product(self, product_id: str, *, include_deleted: bool = False) -> list[ItemRecord]:
-        prefix = _product_prefix(product_id)
+        prefix = product_prefix(product_id)
         with self._begin_read() as txn:
             cursor = txn.cursor(db=self._dbs[b"products"])
             records = []
@@ -501,7 +393,7 @@ class CatalogStore:
                 for key in cursor.iternext(keys=True, values=False):
                     if not key.startswith(prefix):
                         break
-                    record = self._get_in_txn(txn, _id_of(key[len(prefix):]))
+                    record = self._get_in_txn(txn, id_of(key[len(prefix):]))
                     # Compare the id itself too: the 128-bit prefix is a hash.
                     if record and record.product_id == product_id and (include_deleted or not record.deleted):
                         records.append(record)
@@ -563,7 +455,7 @@ class CatalogStore:
         for chunk in self._iter_keys(b"vectors", block_size):
             live = [(key, raw) for key, raw, deleted in chunk if not deleted]
             if live:
-                ids = np.fromiter((_id_of(key) for key, _ in live), dtype=np.int64, count=len(live))
+                ids = np.fromiter((id_of(key) for key, _ in live), dtype=np.int64, count=len(live))
                 yield ids, self._decode_vectors([raw for _, raw in live])
 
     def iter_records(self, *, include_deleted: bool = False, chunk: int = 4096) -> Iterator[ItemRecord]:
@@ -575,11 +467,11 @@ class CatalogStore:
     def iter_live_ids(self, chunk: int = 65536) -> Iterator[int]:
         """Ids of items not deleted (with or without a vector)."""
         for pairs in self._iter_keys(b"items", chunk):
-            yield from (_id_of(key) for key, _raw, deleted in pairs if not deleted)
+            yield from (id_of(key) for key, _raw, deleted in pairs if not deleted)
 
     def deleted_ids(self, chunk: int = 65536) -> Iterator[int]:
         for pairs in self._iter_keys(b"deleted", chunk):
-            yield from (_id_of(key) for key, _raw, _deleted in pairs)
+            yield from (id_of(key) for key, _raw, _deleted in pairs)
 
     def stats(self) -> dict[str, Any]:
         with self._begin_read() as txn:
@@ -597,26 +489,3 @@ class CatalogStore:
             "model": self.model,
             "map_size": self.map_size,
         }
-
-
-def product_results(store: CatalogStore, scores: np.ndarray, ids: np.ndarray, k: int) -> list[dict]:
-    """Search hits (best first, -1 padded) -> up to ``k`` distinct live products, each at its best image's score.
-
-    Records are read in chunks, so a query whose first k hits are k products decodes k records,
-    not all of them; deleted items and ids the store no longer has are skipped.
-    """
-    valid = ids >= 0
-    ids, scores = ids[valid].tolist(), scores[valid].tolist()
-    best: dict[str, dict] = {}
-    start = 0
-    while start < len(ids) and len(best) < k:
-        chunk = max(8, (k - len(best)) + (k - len(best)) // 4)
-        for score, record in zip(scores[start:start + chunk], store.get_many(ids[start:start + chunk])):
-            if record is None or record.deleted or record.product_id in best:
-                continue
-            best[record.product_id] = {"product_id": record.product_id, "score": round(float(score), 6),
-                                       "category": record.category, "image": record.image, "metadata": record.metadata}
-            if len(best) == k:
-                break
-        start += chunk
-    return list(best.values())

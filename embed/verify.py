@@ -48,8 +48,9 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from embed.image_io import load_rgb
+from imgsearch.calibration import precision_cut
 from imgsearch.errors import BadInput
-from index.jobs.calibration import precision_cut
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ EDGE_WARP_MAX = 1.1  # shrink factor up to which an edge map is resampled as is
 @dataclasses.dataclass(frozen=True)
 class VerifyConfig:
     """Verification settings. ``max_disagreement`` is the calibrated threshold."""
-
     max_disagreement: float = DEFAULT_MAX_DISAGREEMENT
     min_overlap: float = 0.5  # share of the smaller image the aligned overlap must cover
     min_scale: float = 0.5  # relative scale range searched (images normalised to the same longer side)
@@ -104,7 +104,6 @@ class VerifyConfig:
 
 class ImageUnavailable(BadInput):
     """An image of a pair cannot be read or decoded; the pair is skipped, not accepted."""
-
     code = "image_unavailable"
 
 
@@ -125,8 +124,6 @@ def _fft():
 
 def to_rgb_image(source) -> Image.Image:
     """A PIL RGB image from a PIL image, a path or bytes (decoded with the catalog's safe decoder)."""
-    from embed.image_io import load_rgb
-
     try:
         return load_rgb(source)
     except BadInput as exc:
@@ -178,7 +175,6 @@ def orientation_histogram(double_angle: np.ndarray, weight: np.ndarray) -> np.nd
 @dataclasses.dataclass
 class Prepared:
     """One image ready for verification: RGB at the work size and edge maps at two sizes."""
-
     rgb: np.ndarray  # uint8 H x W x 3 at the work size
     edges: np.ndarray  # edge strength at the work size
     coarse: np.ndarray
@@ -206,7 +202,6 @@ def prepare(source, cfg: VerifyConfig | None = None) -> Prepared:
 class Alignment:
     """``x_A = scale * R(angle) x_B + (ty, tx)`` in work-size pixel coordinates (row, col);
     ``peak``: the phase-correlation peak."""
-
     scale: float
     ty: float
     tx: float
@@ -458,7 +453,6 @@ def match_images(a: Prepared, b: Prepared, cfg: VerifyConfig | None = None, *, e
 class VerifyResult:
     """Per pair: ``accepted``, ``disagreement`` (inf when not verifiable), ``overlap``; ``skipped``
     counts pairs with an unreadable image (never accepted), ``errors`` holds their first messages."""
-
     accepted: np.ndarray
     disagreement: np.ndarray
     overlap: np.ndarray

@@ -3,7 +3,6 @@
 ``choose_factory`` follows the faiss wiki "Guidelines to choose an index", adjusted by
 measurements on this code base (128-d, 100k clustered synthetic vectors, 2 CPU threads,
 IP metric, top-40 candidates then exact re-rank; see the issue 4 report):
-
 | factory            | bytes | train | R10@40 nprobe16 | QPS nprobe16 |
 |--------------------|-------|-------|-----------------|--------------|
 | IVF1024,PQ32       | 32    | 49.5s | 0.998           | 34k          |
@@ -39,6 +38,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import faiss
+
 from imgsearch.errors import BadInput
 
 FLAT_BELOW = 10_000  # training k-means on fewer vectors is pointless; exact search is cheap
@@ -52,8 +53,6 @@ ID_BYTES = 8  # int64 label stored next to each code in the inverted lists
 
 
 def metric_type(metric: str) -> int:
-    import faiss
-
     try:
         return {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}[metric]
     except KeyError:
@@ -62,8 +61,6 @@ def metric_type(metric: str) -> int:
 
 def validate_factory(factory: str, dim: int, metric: str):
     """Build the empty index for ``factory`` or raise BadInput quoting it. Returns the index."""
-    import faiss
-
     if not factory or not factory.strip():
         raise BadInput("empty factory string")
     try:
@@ -181,8 +178,6 @@ def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: s
 
 
 def nlist_of(index) -> int | None:
-    import faiss
-
     try:
         return int(faiss.extract_index_ivf(index).nlist)
     except (RuntimeError, TypeError):

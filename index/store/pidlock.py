@@ -9,6 +9,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from pathlib import Path
+
+from index.store.records import StoreLocked
 
 
 class AlreadyRunning(Exception):
@@ -50,3 +53,23 @@ class JobLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class StoreWriteLock:
+    """The pid lock on ``STORE/write.lock``, reported as :class:`StoreLocked` when another writer holds it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = JobLock(path)
+
+    def acquire(self) -> None:
+        try:
+            self._lock.acquire()
+        except AlreadyRunning as exc:
+            raise StoreLocked(
+                f"store {str(self.path.parent)!r} is locked for writing by pid {exc.pid} "
+                f"(flock on {str(self.path)!r}); one writer at a time"
+            ) from None
+
+    def release(self) -> None:
+        self._lock.release()
