@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Request
 
+from index.ann.limits import MAX_K
 from serve.errors import ApiError
 
-MAX_K = 10_000
 DEFAULT_K = 10
 MAX_CATEGORY_LENGTH = 200
 SEARCH_FIELDS_JSON = frozenset({"image_base64", "vector", "k", "category"})

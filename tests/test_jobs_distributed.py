@@ -13,7 +13,6 @@ from helpers.pixel_embedder import PixelEmbedder  # noqa: E402
 from tests.test_jobs_dedup import build_index, planted_store  # noqa: E402
 from tests.test_jobs_rebuild import DIM, config, write_catalog  # noqa: E402
 
-
 # Ray workers do not have tests/ on their path: the stand-in embedder travels by value.
 ray.cloudpickle.register_pickle_by_value(helpers.pixel_embedder)
 

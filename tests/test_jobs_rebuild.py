@@ -111,6 +111,18 @@ def test_validation_failure_publishes_nothing(tmp_path, capsys):
     assert versions.read_current(str(tmp_path / "index")) == first.version
 
 
+def test_stages_are_reported_through_the_callback_in_order(tmp_path):
+    catalog = write_catalog(tmp_path, 60)
+    seen = []
+    res = rb.run_rebuild(config(tmp_path, catalog), PixelEmbedder(DIM), on_stage=seen.append)
+    assert res.status == "published"
+    assert seen == ["lock", "ingest", "train", "add", "tune", "validate", "publish", "gc"]
+    assert set(seen) <= set(rb.STAGES)
+    seen.clear()
+    assert rb.run_rebuild(config(tmp_path, catalog), PixelEmbedder(DIM), on_stage=seen.append).status == "unchanged"
+    assert seen == ["lock", "ingest"]  # nothing changed: no build stage runs
+
+
 def test_gc_keeps_newest_and_live(tmp_path):
     catalog = write_catalog(tmp_path, 40)
     names = []
@@ -190,12 +202,8 @@ def _script_args(tmp: Path, catalog: Path, *extra: str) -> list[str]:
             "--index-root", str(tmp / "index"), "--gpu", "off", "--batch-size", "16", *extra]
 
 
-def _env(pause: str | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "IMGSEARCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop(rb.PAUSE_ENV, None)
-    if pause:
-        env[rb.PAUSE_ENV] = pause
-    return env
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "IMGSEARCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _run_script(tmp: Path, catalog: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -203,7 +211,8 @@ def _run_script(tmp: Path, catalog: Path, *extra: str) -> subprocess.CompletedPr
 
 
 def _start_and_kill_at(tmp: Path, catalog: Path, stage: str) -> None:
-    proc = subprocess.Popen(_script_args(tmp, catalog), env=_env(stage), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_script_args(tmp, catalog)[:2] + ["--pause-at", stage] + _script_args(tmp, catalog)[2:],
+                            env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -247,20 +256,42 @@ def test_sigkill_at_stage_keeps_previous_version_and_next_run_completes(tmp_path
     assert not [n for n in os.listdir(root) if n.startswith(versions.STAGING_PREFIX)]
 
 
+def _pause(stage: str) -> None:
+    print(f"rebuild: paused at {stage}", flush=True)
+    time.sleep(3600)  # until the test's SIGKILL
+
+
+class _PausingEmbedder(PixelEmbedder):
+    """Pauses at its second batch: some batches are stored, so the kill lands mid-ingest."""
+
+    calls = 0
+
+    def embed_catalog(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            _pause("ingest")
+        return super().embed_catalog(images)
+
+
 def _main(argv: list[str]) -> int:
-    """``python tests/test_jobs_rebuild.py rebuild ...``: the real CLI arguments and job, stand-in embedder."""
+    """``python tests/test_jobs_rebuild.py [--pause-at STAGE] rebuild ...``: the real CLI arguments and job,
+    stand-in embedder; with --pause-at the job's stage callback pauses there (``ingest``: mid-ingest)."""
     import logging
 
     from imgsearch.cli import build_parser
     from imgsearch.errors import ImgsearchError
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    pause_at = None
+    if argv[:1] == ["--pause-at"]:
+        pause_at, argv = argv[1], argv[2:]
     args = build_parser().parse_args(argv)
     cfg = rb.RebuildConfig(catalog=args.catalog, store=args.store, index_root=args.index_root, keep=args.keep,
                            target_recall=args.target_recall, factory=args.factory, shards=args.shards, gpu=args.gpu,
                            batch_size=args.batch_size, force=args.force)
     try:
-        result = rb.run_rebuild(cfg, PixelEmbedder(DIM))
+        embedder = _PausingEmbedder(DIM) if pause_at == "ingest" else PixelEmbedder(DIM)
+        result = rb.run_rebuild(cfg, embedder, on_stage=lambda name: name == pause_at and _pause(name))
     except ImgsearchError as exc:
         print(f"imgsearch rebuild: error: {exc}", file=sys.stderr)
         return exc.exit_status

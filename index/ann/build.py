@@ -202,12 +202,14 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
                   metric: str | None = None, target_recall: float = 0.95, gpu: str = "auto",
                   memory_budget: int | None = None, seed: int = 0, publish: bool = True,
                   tune_queries: np.ndarray | None = None, version: str | None = None,
-                  shard_builder: ShardBuilder | None = None, build_notes: dict | None = None) -> BuildResult:
+                  shard_builder: ShardBuilder | None = None, build_notes: dict | None = None,
+                  on_stage: StageCallback | None = None) -> BuildResult:
     """Build, tune and (by default) publish a new version of ``index_root``.
 
     ``shard_builder`` builds the shards from the trained file (default: one after another in
     this process; :mod:`index.jobs.distributed` passes Ray tasks); ``build_notes`` are added to
-    the manifest's ``build_config``.
+    the manifest's ``build_config``. ``on_stage(name)`` is called as each stage begins: ``train``
+    (k-means and codebooks on a sample), ``add`` (the shards), ``tune``.
     """
     t0 = time.monotonic()
     metric = metric or source.default_metric
@@ -222,11 +224,12 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     staging = versions.make_staging(index_root, name)
     try:
         manifest = _build_into(staging, source, choice, shards, metric, gpu, seed,
-                               shard_builder or local_shard_builder(source))
+                               shard_builder or local_shard_builder(source), on_stage or _no_stage)
         manifest["build_config"].update(build_notes or {})
         manifest.update(version=name, model=source.model, target_recall=target_recall)
         if source.store is not None:
             manifest["store"] = source.store  # which store writes the version holds (serve.updates)
+        (on_stage or _no_stage)("tune")
         tuned = tune_mod.tune_version(staging, manifest, source, target_recall, seed=seed, queries=tune_queries)
         manifest.update(tuned)
         manifest["build_seconds"] = round(time.monotonic() - t0, 3)
@@ -255,6 +258,14 @@ def _resolve_gpu(gpu: str) -> str:
     return "on"
 
 
+# stage name -> None: told as each stage of a build (or a rebuild) begins
+StageCallback = Callable[[str], None]
+
+
+def _no_stage(name: str) -> None:
+    pass
+
+
 # (trained_path, out_dir, n_shards, rerank) -> one build_shard entry per shard, in shard order
 ShardBuilder = Callable[[str, str, int, bool], list]
 
@@ -268,7 +279,8 @@ def local_shard_builder(source: VectorSource) -> ShardBuilder:
 
 
 def _build_into(staging: str, source: VectorSource, choice, shards: int, metric: str, gpu: str, seed: int,
-                shard_builder: ShardBuilder) -> dict:
+                shard_builder: ShardBuilder, on_stage: StageCallback) -> dict:
+    on_stage("train")
     t_train = time.monotonic()
     size = training_size(source.n, choice.nlist)
     _, sample = sample_rows(source, size, seed)
@@ -281,6 +293,7 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
     _write_index(trained, trained_path)
     train_seconds = time.monotonic() - t_train
     rerank = not factory_mod.is_exact(choice.factory)
+    on_stage("add")
     entries = shard_builder(trained_path, staging, shards, rerank)
     ntotal = sum(e["ntotal"] for e in entries)
     if ntotal != source.n:

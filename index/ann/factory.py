@@ -2,7 +2,7 @@
 
 ``choose_factory`` follows the faiss wiki "Guidelines to choose an index", adjusted by
 measurements on this code base (128-d, 100k clustered synthetic vectors, 2 CPU threads,
-IP metric, top-40 candidates then exact re-rank; see the issue 4 report):
+IP metric, top-40 candidates then exact re-rank; bench/bench_index.py):
 | factory            | bytes | train | R10@40 nprobe16 | QPS nprobe16 |
 |--------------------|-------|-------|-----------------|--------------|
 | IVF1024,PQ32       | 32    | 49.5s | 0.998           | 34k          |

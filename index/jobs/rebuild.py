@@ -22,8 +22,8 @@ one rename. The next run removes leftover staging folders and finishes the job. 
 store has not changed since the live version was built (same LMDB transaction id, recorded in
 the version's ``rebuild.json``), the run publishes nothing new (``--force`` rebuilds anyway).
 
-``IMGSEARCH_REBUILD_PAUSE_AT=STAGE`` (tests only) prints ``rebuild: paused at STAGE`` and sleeps
-there, so a test can SIGKILL the process at a known point.
+``run_rebuild(..., on_stage=fn)`` calls ``fn(name)`` as each stage begins (one of ``STAGES``),
+for a caller that reports progress or must act at a known point.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
-from index.ann import build as build_mod
 from index.ann import tune, versions
-from index.ann.build import build_version
+from index.ann.build import StageCallback, build_version
 from index.ann.search import open_index
 from index.ann.sources import sample_rows, store_source
 from index.jobs.distributed import distributed_build, distributed_ingest, parse_distributed
@@ -55,8 +54,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".rebuild.lock"
 SIDECAR = "rebuild.json"
-PAUSE_ENV = "IMGSEARCH_REBUILD_PAUSE_AT"
-STAGES = ("lock", "ingest", "train", "add", "validate", "publish", "notify", "gc")
+STAGES = ("lock", "ingest", "train", "add", "tune", "validate", "publish", "notify", "gc")
 VALIDATION_QUERIES = 300
 SMOKE_ITEMS = 32
 NOTIFY_TIMEOUT = 10.0
@@ -109,49 +107,6 @@ class RebuildResult:
         if self.status == "unchanged":
             return f"no changes: {counts}; live version {self.version} is current; total {self.seconds:.1f} s"
         return self.message
-
-
-# ---------------------------------------------------------------- test hook
-
-
-def pause_point(stage: str) -> None:
-    """Log the stage; when ``IMGSEARCH_REBUILD_PAUSE_AT`` names it, announce and sleep (tests)."""
-    log.info("rebuild: stage %s", stage)
-    if os.environ.get(PAUSE_ENV) == stage:
-        print(f"rebuild: paused at {stage}", flush=True)
-        time.sleep(3600)
-
-
-@dataclasses.dataclass
-class _BuildHooks:
-    """Pause points inside ``build_version`` (train, add) for the kill tests.
-
-    ``index.ann.build`` has no stage callback yet, so when (and only when) the test hook is set,
-    its module-level ``train_index``/``build_shard`` are wrapped for the duration of the build.
-    """
-    saved: dict = dataclasses.field(default_factory=dict)
-
-    def __enter__(self):
-        if os.environ.get(PAUSE_ENV) not in ("train", "add"):
-            return self
-
-        self.saved = {"train_index": build_mod.train_index, "build_shard": build_mod.build_shard}
-
-        def train_index(*args, **kwargs):
-            pause_point("train")
-            return self.saved["train_index"](*args, **kwargs)
-
-        def build_shard(*args, **kwargs):
-            pause_point("add")
-            return self.saved["build_shard"](*args, **kwargs)
-
-        build_mod.train_index, build_mod.build_shard = train_index, build_shard
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved:
-            for name, fn in self.saved.items():
-                setattr(build_mod, name, fn)
 
 
 # ---------------------------------------------------------------- helpers
@@ -299,9 +254,11 @@ def validate_version(index_root: str, name: str, source, *, target_recall: float
 # ---------------------------------------------------------------- the job
 
 
-def run_rebuild(cfg: RebuildConfig, embedder) -> RebuildResult:
-    """The whole cron job. ``embedder``: ``.embed_catalog(images) -> (n, dim)``, ``.model_hash``, ``.dim``."""
+def run_rebuild(cfg: RebuildConfig, embedder, on_stage: StageCallback | None = None) -> RebuildResult:
+    """The whole cron job. ``embedder``: ``.embed_catalog(images) -> (n, dim)``, ``.model_hash``, ``.dim``.
+    ``on_stage(name)``: called as each stage begins (after it is logged)."""
     t0 = time.monotonic()
+    stage = _stage_reporter(on_stage)
     os.makedirs(cfg.index_root, exist_ok=True)
     lock = JobLock(os.path.join(cfg.index_root, LOCK_FILE))
     try:
@@ -311,36 +268,36 @@ def run_rebuild(cfg: RebuildConfig, embedder) -> RebuildResult:
         log.info(msg)
         return RebuildResult("skipped", message=msg)
     try:
-        pause_point("lock")
+        stage("lock")
         remove_stale_staging(cfg.index_root)
-        result = _run_locked(cfg, embedder)
+        result = _run_locked(cfg, embedder, stage)
     finally:
         lock.release()
     result.seconds = time.monotonic() - t0
     return result
 
 
-def _ingest(cfg: RebuildConfig, embedder):
-    calls = {"n": 0}
+def _stage_reporter(on_stage: StageCallback | None) -> StageCallback:
+    def stage(name: str) -> None:
+        log.info("rebuild: stage %s", name)
+        if on_stage is not None:
+            on_stage(name)
+    return stage
 
-    def embed_fn(images):
-        calls["n"] += 1
-        if calls["n"] == 2:  # some batches already stored: the kill lands mid-ingest
-            pause_point("ingest")
-        return embedder.embed_catalog(images)
 
-    log.info("rebuild: stage ingest")
+def _ingest(cfg: RebuildConfig, embedder, stage: StageCallback):
+    stage("ingest")
     if cfg.distributed:
         return distributed_ingest(cfg.catalog, cfg.store, embedder, parse_distributed(cfg.distributed),
                                   batch_size=cfg.batch_size, model_spec=cfg.model_spec)
     with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
-        return ingest_catalog(cfg.catalog, store, embed_fn, cfg.batch_size, progress=sys.stderr.isatty(),
+        return ingest_catalog(cfg.catalog, store, embedder.embed_catalog, cfg.batch_size, progress=sys.stderr.isatty(),
                               model=embedder.model_hash)
 
 
-def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
+def _run_locked(cfg: RebuildConfig, embedder, stage: StageCallback) -> RebuildResult:
     previous, live_manifest = live_version(cfg.index_root)
-    summary = _ingest(cfg, embedder)
+    summary = _ingest(cfg, embedder, stage)
     log.info("rebuild: ingest %s", summary.line())
 
     store = CatalogStore.open_readonly(cfg.store)
@@ -356,11 +313,11 @@ def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
             raise JobFailed(f"store {cfg.store!r} holds vectors of model {source.model!r}, not {embedder.model_hash!r}")
         factory, shards, metric = build_plan(cfg, live_manifest, source.n)
         t_build = time.monotonic()
-        build = _build(cfg, source, factory, shards, metric)
+        build = _build(cfg, source, factory, shards, metric, stage)
         build_seconds = time.monotonic() - t_build
         name = build.version
         try:
-            pause_point("validate")
+            stage("validate")
             validation = validate_version(cfg.index_root, name, source, target_recall=cfg.target_recall,
                                           model=embedder.model_hash, seed=cfg.seed)
             versions.write_json_atomic(os.path.join(build.path, SIDECAR), {
@@ -372,25 +329,23 @@ def _run_locked(cfg: RebuildConfig, embedder) -> RebuildResult:
             raise
     finally:
         store.close()
-    pause_point("publish")
+    stage("publish")
     versions.set_current(cfg.index_root, name)
     log.info("rebuild: published %s (was %s)", name, previous)
     notified = {}
     if cfg.notify:
-        pause_point("notify")
+        stage("notify")
         notified = notify_servers(cfg.notify, name)
-    pause_point("gc")
+    stage("gc")
     removed = gc_versions(cfg.index_root, cfg.keep)
     return RebuildResult("published", version=name, previous=previous, ingest=summary, build_seconds=build_seconds,
                          validation=validation, removed=removed, notified=notified)
 
 
-def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | None):
+def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | None, stage: StageCallback):
     if cfg.distributed:
         return distributed_build(source, cfg.index_root, parse_distributed(cfg.distributed), store_path=cfg.store,
                                  factory=factory, shards=shards, metric=metric, target_recall=cfg.target_recall,
-                                 gpu=cfg.gpu, seed=cfg.seed)
-
-    with _BuildHooks():
-        return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,
-                             target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False)
+                                 gpu=cfg.gpu, seed=cfg.seed, on_stage=stage)
+    return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,
+                         target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False, on_stage=stage)

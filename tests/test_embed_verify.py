@@ -1,4 +1,4 @@
-"""Pixel verification of duplicate candidates (index/jobs/verify.py) on real tuxpaint catalog shots."""
+"""Pixel verification of duplicate candidates (embed/verify.py) on real tuxpaint catalog shots."""
 
 from __future__ import annotations
 
