@@ -187,7 +187,7 @@ def _real_store(tmp_path):
     """A store of real tuxpaint catalog shots: planted copies (JPEG q25, 45% resize, 80% crop,
     recolour; pizza has two) and distinct look-alike products, with embeddings placed so that every
     planted pair AND every look-alike pair is above 0.9: only the pixels can tell them apart."""
-    from test_jobs_verify import jpeg, planted_copy
+    from test_embed_verify import jpeg, planted_copy
 
     from imgsearch import assets
     from imgsearch.errors import MissingAsset
