@@ -8,15 +8,19 @@ CACHE := $(HOME)/.cache/imgsearch
 EXTRAS ?= cpu,dev
 PORT ?= 8080
 comma := ,
-STAMP = $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# "compat" in the name: a venv installed before the editable mode below was set installs again once.
+STAMP = $(VENV)/.installed-compat-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install data demo test bench lint train-demo browser clean
 
 # The stamp depends on the package metadata, so a second run with nothing changed is a no-op.
+# editable_mode=compat puts the repository on sys.path (a .pth entry): a regular package found there
+# beats a same-named folder in the working directory, which the default editable finder lets shadow
+# it (`mkdir index; python -c 'from index import open_index'` failed).
 $(STAMP): setup.cfg pyproject.toml setup.py index/ann/_f16rerank.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] >= (3, 11), sys.version' || { echo "imgsearch needs Python 3.11+"; exit 1; }
-	$(PIP) install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PIP) install -q --disable-pip-version-check -e '.[$(EXTRAS)]' --config-settings editable_mode=compat
 	@touch $@
 
 install: $(STAMP)

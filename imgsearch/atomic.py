@@ -7,6 +7,7 @@ at most a ``.<name>.<random>.tmp`` file beside the target, never a torn target.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,3 +54,15 @@ def atomic_file(path: str | os.PathLike, mode: int = 0o644) -> Iterator[BinaryIO
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)
+
+
+def check_dir_creatable(path: str | os.PathLike) -> None:
+    """Raise the OSError that creating folder ``path`` would raise (a file where a folder is needed),
+    before a job creates anything: a job that cannot write its output leaves nothing behind."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                blocker = "it" if folder == path else repr(str(folder))
+                raise NotADirectoryError(errno.ENOTDIR, f"Not a directory ({blocker} is a file)", str(path))
+            return

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-from imgsearch.argtypes import positive_int, recall_fraction
+from imgsearch.argtypes import positive_float, positive_int, recall_fraction
 from imgsearch.errors import ImgsearchError, NotImplementedYet
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
@@ -27,6 +27,7 @@ HANDLERS: dict[str, str | None] = {
     "serve": "serve.commands:serve_command",
     "dedup": "index.jobs.commands:dedup_command",
     "rebuild": "index.jobs.commands:rebuild_command",
+    "verify": "index.ann.commands:verify_command",
     "train": "train.commands:run_train_command",
 }
 
@@ -38,6 +39,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-recall", type=recall_fraction, default=0.95, help="recall@10 that auto-tuning must reach")
     p.add_argument("--metric", choices=["l2", "ip"], default=None, help="distance (default: ip for the store, l2 for --vectors)")
     p.add_argument("--memory-budget", default=None, help="RAM budget for the index, e.g. 2GB (used by --factory auto)")
+
+
+def _add_mass_delete_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let the run delete more than 10%% of the store's live items (refused otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="CKPT", default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    _add_mass_delete_option(p)
 
     p = sub.add_parser("build", help="build an index version from the store or a .npy of vectors")
     src = p.add_mutually_exclusive_group(required=True)
@@ -94,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-of", default=None, metavar="INDEX_ROOT:i/n", help="serve only shard i of n of the live version")
     p.add_argument("--shards", default=None, metavar="URL,URL,...", help="front server: fan queries out to these shard servers")
     p.add_argument("--shard-timeout-ms", type=float, default=1000.0, help="per-shard timeout of a front server (default 1000)")
+    p.add_argument("--decode-pixel-budget", type=positive_int, default=None, metavar="PIXELS",
+                   help="decoded image pixels a worker holds at once; a photo that does not fit within 1 s is answered "
+                        "503 with Retry-After (default 80000000: two images at the 40 Mpx limit)")
+    p.add_argument("--header-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="a request head must arrive within this of its first byte, else 408 (default 10)")
+    p.add_argument("--body-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="a request body must arrive within this of its head, else 408 (default 60)")
+    p.add_argument("--shard-token-env", default="IMGSEARCH_SHARD_TOKEN", metavar="NAME",
+                   help="environment variable holding the shard Bearer token that a front sends and its shard servers "
+                        "require (default IMGSEARCH_SHARD_TOKEN)")
 
     p = sub.add_parser("dedup", help="find groups of near-duplicate products")
     p.add_argument("--store", required=True, metavar="STORE")
@@ -133,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--force", action="store_true", help="build even when the store has not changed")
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    _add_mass_delete_option(p)
+
+    p = sub.add_parser("verify", help="check every file of an index version against its manifest's checksums")
+    p.add_argument("index_root", metavar="INDEX_ROOT")
+    p.add_argument("--version", default=None, metavar="V", help="the version to check (default: the one CURRENT names)")
 
     p = sub.add_parser("train", help="train the detector and embedding network on a catalog")
     from train.options import add_train_options  # argparse only: keeps --help free of torch
@@ -149,6 +171,12 @@ def _resolve(command: str):
     return getattr(importlib.import_module(module_name), function_name)
 
 
+def _os_error_text(exc: OSError) -> str:
+    paths = " -> ".join(repr(str(name)) for name in (exc.filename, exc.filename2) if name is not None)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {reason}" if paths else reason
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
@@ -162,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImgsearchError as exc:
         print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_status
+    except OSError as exc:  # a path the job cannot create, read or write: one line, not a traceback
+        print(f"imgsearch {args.command}: error: {_os_error_text(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"imgsearch {args.command}: interrupted", file=sys.stderr)
         return 130

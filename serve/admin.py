@@ -20,15 +20,21 @@ DEFAULT_TOKEN_ENV = "IMGSEARCH_ADMIN_TOKEN"
 
 
 def check_admin(token: str | None, token_env: str) -> None:
+    check_bearer(token, token_env, "admin")
+
+
+def check_bearer(token: str | None, token_env: str, kind: str) -> None:
+    """The request's ``Authorization: Bearer`` token equals ``token`` (``kind``: "admin" or
+    "shard", named in the codes and messages), else an ApiError."""
     if not token:
-        raise ApiError(403, "admin_disabled", f"admin endpoints are disabled: ${token_env} is not set on the server")
+        raise ApiError(403, f"{kind}_disabled", f"{kind} endpoints are disabled: ${token_env} is not set on the server")
     header = request.headers.get("Authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         shown = f"got {scheme!r}" if header else "no Authorization header"
-        raise ApiError(401, "missing_token", f"admin endpoints need 'Authorization: Bearer <token>'; {shown}")
+        raise ApiError(401, "missing_token", f"{kind} endpoints need 'Authorization: Bearer <token>'; {shown}")
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise ApiError(403, "wrong_token", "the admin token is wrong")
+        raise ApiError(403, "wrong_token", f"the {kind} token is wrong")
 
 
 def register_admin_routes(app: Flask, service, *, token: str | None, token_env: str = DEFAULT_TOKEN_ENV,

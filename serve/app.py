@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import time
 
-from flask import Flask, Response, g, jsonify, request, send_file
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.accesslog import log_request
 from serve.admin import DEFAULT_TOKEN_ENV, register_admin_routes
 from serve.errors import ApiError, register_error_handlers
 from serve.metrics import ServerMetrics
-from serve.requests import parse_search_request
+from serve.requests import buffer_body, parse_search_request
 from serve.shards import register_shard_routes
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -21,11 +22,14 @@ _FROM_ENV = object()
 
 
 def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
-               admin_token=_FROM_ENV, admin_token_env: str = DEFAULT_TOKEN_ENV, reload_hook=None) -> Flask:
+               admin_token=_FROM_ENV, admin_token_env: str = DEFAULT_TOKEN_ENV, reload_hook=None,
+               shard_token=_FROM_ENV, shard_token_env: str | None = None) -> Flask:
     """``service`` is a :class:`serve.service.SearchService` (or anything with its methods).
 
     ``admin_token``: the admin Bearer token; by default read from ``$admin_token_env``
-    (unset or empty: admin endpoints answer 403)."""
+    (unset or empty: admin endpoints answer 403). ``shard_token_env``: given on a shard server
+    only, it turns on ``POST /v1/shard/search``, which needs ``shard_token`` (by default read
+    from ``$shard_token_env``); without it that route does not exist (404)."""
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.json.sort_keys = False
@@ -41,6 +45,7 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
         # Refuse an oversized body by its declared length, before any parsing or media-type check.
         if request.content_length is not None and request.content_length > max_body_bytes:
             raise ApiError(413, "body_too_large", f"request body is {request.content_length} bytes, over the limit of {max_body_bytes}")
+        buffer_body(request, max_body_bytes)
 
     @app.after_request
     def _observe(response: Response) -> Response:
@@ -88,13 +93,19 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
 
     @app.get("/v1/products/<path:product_id>/image")
     def product_image(product_id: str):
-        path = service.image_file(product_id, request.args.get("image"))
-        return send_file(path, max_age=3600)
+        data, name, digest = service.image_file(product_id, request.args.get("image"))
+        response = Response(data, mimetype=mimetypes.guess_type(name)[0] or "application/octet-stream")
+        response.set_etag(digest)
+        response.cache_control.public, response.cache_control.max_age = True, 3600
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response.make_conditional(request)
 
     @app.get("/v1/products/<path:product_id>")
     def product(product_id: str):
         return jsonify(service.product(product_id))
 
     register_admin_routes(app, service, token=token, token_env=admin_token_env, reload_hook=reload_hook)
-    register_shard_routes(app, service)
+    if shard_token_env is not None:
+        register_shard_routes(app, service, token=os.environ.get(shard_token_env) if shard_token is _FROM_ENV else shard_token,
+                              token_env=shard_token_env)
     return app

@@ -3,9 +3,13 @@
 ``imgsearch serve`` runs one of three roles:
 - a full server (default): the live version of INDEX_ROOT;
 - a shard server (``--shard-of INDEX_ROOT:i/n``): shard i of n, vector queries only (no
-  embedder is loaded), answering ``/v1/shard/search`` for a front;
+  embedder is loaded), answering ``/v1/shard/search`` for a front (the only role with that
+  route; it needs the shard token, ``$IMGSEARCH_SHARD_TOKEN`` or ``--shard-token-env``);
 - a front (``--shards URL,...``): no index of its own; fans every query out to the shard
-  servers and joins their merged candidates with STORE.
+  servers (sending them the shard token) and joins their merged candidates with STORE.
+
+A worker starts on CURRENT's version, else on the newest older one that loads; a worker with
+none takes no requests while a sibling serves (:mod:`serve.readiness`).
 
 Workers and live updates: admin writes go through a short-lived writer child
 (:mod:`serve.store_writer`) that takes the store's write lock only for the write, and every
@@ -27,10 +31,13 @@ import faiss
 from imgsearch.errors import BadInput
 from serve.accesslog import configure_access_log
 from serve.app import create_app
+from serve.decode_budget import DEFAULT_DECODE_PIXEL_BUDGET, DecodeBudget
 from serve.demo import prepare_demo
+from serve.readiness import ReadyBoard, worker_hooks
 from serve.server import run_gunicorn
 from serve.service import SearchService
 from serve.shards import fanout_opener, parse_shard_of, shard_opener
+from serve.worker import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +88,15 @@ def _role(args) -> tuple[dict, dict, bool]:
             raise BadInput(str(exc)) from None
         if root is not None and os.path.abspath(root) != os.path.abspath(args.index_root):
             raise BadInput(f"--shard-of names INDEX_ROOT {root!r} but --index-root is {args.index_root!r}")
-        return {"opener": shard_opener(i, n), "live_updates": False}, {}, False
+        _shard_token(args, "--shard-of")
+        return {"opener": shard_opener(i, n)}, {"shard_token_env": args.shard_token_env}, False
     if args.shards:
         urls = [u.strip() for u in args.shards.split(",") if u.strip()]
         if not urls:
             raise BadInput(f"--shards needs at least one URL, got {args.shards!r}")
         holder: dict = {}
-        opener = fanout_opener(urls, args.shard_timeout_ms / 1e3, lambda: holder.get("metrics"))
+        opener = fanout_opener(urls, args.shard_timeout_ms / 1e3, lambda: holder.get("metrics"),
+                               token=_shard_token(args, "--shards"))
 
         def reload_hook(authorization: str):
             fanout = holder["service"].live().index if holder["service"].live() else None
@@ -99,19 +108,36 @@ def _role(args) -> tuple[dict, dict, bool]:
     return {}, {}, True
 
 
+def _shard_token(args, option: str) -> str:
+    token = os.environ.get(args.shard_token_env, "")
+    if not token:
+        raise BadInput(f"{option} needs the shard token: set ${args.shard_token_env} to the same secret on the front and "
+                       "its shard servers (--shard-token-env names another variable)")
+    return token
+
+
 def serve_command(args) -> int:
     service_options, app_options, load_embedder = _role(args)
     holder = service_options.pop("_holder", None)
     watch = args.watch_current or (MULTI_WORKER_WATCH_S if args.workers > 1 and not args.shards else 0.0)
     configure_access_log()
+    worker: dict = {}  # this worker's service (app_factory runs in each worker, after the fork)
+    hooks = None
+    if args.workers > 1:
+        hooks = worker_hooks(ReadyBoard(args.workers), lambda: worker["service"].live() is not None,
+                             lambda: worker["service"].load_current())
+
+    decode_pixels = getattr(args, "decode_pixel_budget", None) or DEFAULT_DECODE_PIXEL_BUDGET
 
     def app_factory():
         _tune_process()
         # Each worker opens the index itself (memory-mapped, so the page cache is shared):
         # forking after torch or faiss ran their OpenMP pools can hang the child.
         service = SearchService(args.index_root, args.store, embedder_loader=_pipeline_loader(args.model),
-                                batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, **service_options)
+                                batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
+                                decode_budget=DecodeBudget(decode_pixels), **service_options)
         app = create_app(service, admin_token_env=args.admin_token_env, **app_options)
+        worker["service"] = service
         if holder is not None:
             holder["service"], holder["metrics"] = service, service.metrics
         service.load_current()
@@ -120,7 +146,9 @@ def serve_command(args) -> int:
         service.watch_current(watch)
         return app
 
-    run_gunicorn(app_factory, args.host, args.port, workers=args.workers, threads=args.threads, preload=False)
+    run_gunicorn(app_factory, args.host, args.port, workers=args.workers, threads=args.threads, preload=False, hooks=hooks,
+                 header_timeout=getattr(args, "header_timeout", None) or DEFAULT_HEADER_TIMEOUT_S,
+                 body_timeout=getattr(args, "body_timeout", None) or DEFAULT_BODY_TIMEOUT_S)
     return 0
 
 

@@ -63,5 +63,6 @@ def _ensure_index(store, index_root: Path, model_hash: str) -> None:
             return
     except Exception as exc:  # noqa: BLE001 - no usable live version: build one
         log.info("demo index: building (%s)", exc)
-    result = build_version(source, str(index_root), factory="auto", target_recall=0.95)
+    with versions.index_root_lock(str(index_root)):  # INDEX_ROOT's one writer lock, as `imgsearch build` takes
+        result = build_version(source, str(index_root), factory="auto", target_recall=0.95, build_notes={"job": "build"})
     log.info("demo index: published %s (%d vectors)", result.version, result.manifest["ntotal"])

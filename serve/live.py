@@ -13,6 +13,7 @@ that started on the old version finishes on it. :class:`LiveVersions` owns that 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from index import open_index
-from index.ann import versions
+from index.ann import build, versions
 from index.ann.sources import store_category_of
-from serve.errors import ApiError
-from serve.updates import LogCursor, UpdateLog, covered_through, version_coverage
+from serve.errors import ApiError, without_paths
+from serve.updates import BUILD_SIDECAR, LogCursor, UpdateLog, covered_through, version_coverage
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,58 @@ def run_search(index, queries: np.ndarray, fetch: int, category: str | None):
     return scores, ids, False
 
 
-def default_opener(index_root: Path, store):
-    """The full live version CURRENT names, with the store's categories and deletions."""
+def default_opener(index_root: Path, store, version: str | None = None):
+    """The full live version CURRENT names (or ``version``), with the store's categories and deletions."""
     return open_index(
         str(index_root),
+        version,
         category_of=store_category_of(store),
         deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64),
     )
+
+
+default_opener.takes_version = True  # LiveVersions may fall back to an older version with it
+
+
+def owned_ids(index, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` an opened index holds new copies of: all of them, except on a shard
+    server (``manifest["shard_of"] == [i, n]``), which owns the ids the version's build would
+    put in the shard files it serves (file ``splitmix64(id) % files``, served by ``file % n``)."""
+    shard = index.manifest.get("shard_of") if hasattr(index, "manifest") else None
+    if not isinstance(shard, list) or ids.size == 0:
+        return np.ones(ids.shape, bool)
+    i, n = (int(v) for v in shard)
+    files = len(index.manifest["shard_files"])
+    return build.shard_of(ids, files) % n == i
+
+
+def fallback_candidates(index_root: Path, current: str) -> list[str]:
+    """Versions a process with nothing live may start on when ``current`` (CURRENT's) does not
+    load: those with a manifest written before CURRENT was (so published before it; a version
+    built after the last publish never was), except one ``rebuild`` built and never validated
+    (no ``rebuild.json``), newest first."""
+    try:
+        published = os.stat(os.path.join(index_root, versions.CURRENT)).st_mtime_ns
+    except OSError:
+        return []
+
+    def written(name: str) -> int:
+        try:
+            return os.stat(os.path.join(index_root, name, versions.MANIFEST)).st_mtime_ns
+        except OSError:
+            return published + 1
+
+    def unvalidated(name: str) -> bool:
+        vdir = os.path.join(index_root, name)
+        try:
+            job = (versions.read_manifest(vdir).get("build_config") or {}).get("job")
+        except versions.NoIndex:
+            return True
+        return job == "rebuild" and not os.path.isfile(os.path.join(vdir, BUILD_SIDECAR))
+
+    names = [n for n in versions.list_versions(str(index_root))
+             if n != current and written(n) <= published and not unvalidated(n)]
+    return sorted(names, key=lambda n: (written(n), n), reverse=True)
 
 
 class LiveVersions:
@@ -89,14 +135,17 @@ class LiveVersions:
     def not_ready_reason(self) -> str:
         return f"no index loaded: {self._last_error}"
 
-    def reload(self) -> LiveIndex:
-        """Load, warm and bring up to date the version CURRENT names, then swap it in.
+    def reload(self, version: str | None = None) -> LiveIndex:
+        """Load, warm and bring up to date the version CURRENT names (or ``version``), then swap it in.
 
         Requests keep being answered by the old version meanwhile; on failure it stays live
         and ``ApiError(500, "reload_failed")`` names the reason."""
         with self._reload_lock:
             try:
-                opened = self._opener(self.index_root, self._store())
+                if version is None:
+                    opened = self._opener(self.index_root, self._store())
+                else:
+                    opened = self._opener(self.index_root, self._store(), version=version)
                 manifest = opened.manifest
                 live = LiveIndex(
                     version=str(manifest["version"]),
@@ -110,9 +159,11 @@ class LiveVersions:
                 self._warm(live)
                 self._catch_up(live)  # live additions since the build, before anyone sees it
             except Exception as exc:  # noqa: BLE001 - any failure leaves the old version serving
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("index not loaded from %s: %s", self.index_root, self._last_error)
-                raise ApiError(500, "reload_failed", f"could not load the index CURRENT names in {str(self.index_root)!r}: "
+                detail = f"{type(exc).__name__}: {exc}"
+                log.warning("index not loaded from %s: %s", self.index_root, detail)
+                # Callers (the unauthenticated /readyz among them) get the reason without server paths.
+                self._last_error = without_paths(detail, {str(self.index_root): "INDEX_ROOT", str(self.store_path): "STORE"})
+                raise ApiError(500, "reload_failed", f"could not load the index CURRENT names in INDEX_ROOT: "
                                f"{self._last_error}; still serving {self._live.version if self._live else 'nothing'}") from None
             self._live = live
             self._publish_index_metrics(live)
@@ -134,11 +185,33 @@ class LiveVersions:
             return None
 
     def load_current(self) -> LiveIndex | None:
-        """Open the version CURRENT names and make it live; on failure keep the old one."""
+        """Open the version CURRENT names and make it live; on failure keep the old one.
+
+        With nothing live yet (a starting worker), a CURRENT that does not load falls back to
+        the newest older version that does (:func:`fallback_candidates`); if none loads, the
+        process stays not ready."""
         try:
             return self.reload()
         except ApiError:
+            if self._live is None and getattr(self._opener, "takes_version", False):
+                self._load_fallback()
             return self._live
+
+    def _load_fallback(self) -> None:
+        try:
+            current = versions.read_current(str(self.index_root))
+        except Exception:  # noqa: BLE001 - no CURRENT (or a bad one): nothing was ever published
+            return
+        reason = self._last_error
+        for name in fallback_candidates(self.index_root, current):
+            try:
+                live = self.reload(version=name)
+            except ApiError:
+                continue
+            log.warning("CURRENT names %s, which did not load (%s): serving the older version %s until it does",
+                        current, reason, live.version)
+            return
+        self._last_error = reason
 
     def _publish_index_metrics(self, live: LiveIndex) -> None:
         metrics = self._metrics()
@@ -192,6 +265,9 @@ class LiveVersions:
                     continue  # committed before this version's build read the store: built in
                 added = np.asarray(entry.get("add", []), np.int64)
                 deleted = np.asarray(entry.get("delete", []), np.int64)
+                mine = owned_ids(live.index, added)
+                if not mine.all():  # a shard server: another one holds the new copies of these
+                    added, deleted = added[mine], np.concatenate([deleted, added[~mine]])
                 try:
                     if added.size:
                         live.index.add(added, self._store().vectors_for(added.tolist()))
@@ -228,6 +304,7 @@ class LiveVersions:
         added = 0
         ids = np.fromiter(store.iter_live_ids(), dtype=np.int64)
         missing = np.setdiff1d(ids, have, assume_unique=False)
+        missing = missing[owned_ids(live.index, missing)]
         for start in range(0, missing.size, chunk):
             part = missing[start:start + chunk]
             part = part[np.asarray(store.has_vectors(part.tolist()), dtype=bool)]

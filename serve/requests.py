@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import math
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 from flask import Request
 
 from index.ann.limits import MAX_K
-from serve.errors import ApiError
+from serve.errors import ApiError, ClientTooSlow
 
 DEFAULT_K = 10
 MAX_CATEGORY_LENGTH = 200
@@ -46,6 +47,17 @@ def parse_k(raw) -> int:
     return k
 
 
+def check_text(raw: str, field: str, code: str) -> str:
+    """``raw`` is valid Unicode: JSON's ``\\ud800`` escapes decode to lone surrogates, which no
+    UTF-8 store (or response) can hold."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, code, f"{field} must be valid Unicode; character {exc.start} is a lone surrogate "
+                       f"{shown(raw[exc.start])}, in {shown(raw)}") from None
+    return raw
+
+
 def parse_category(raw) -> str | None:
     if raw is None:
         return None
@@ -53,7 +65,7 @@ def parse_category(raw) -> str | None:
         raise ApiError(400, "bad_category", f"category must be a string, got {shown(raw)}")
     if not 0 < len(raw) <= MAX_CATEGORY_LENGTH:
         raise ApiError(400, "bad_category", f"category must be 1..{MAX_CATEGORY_LENGTH} characters, got {len(raw)}")
-    return raw
+    return check_text(raw, "category", "bad_category")
 
 
 def parse_vector(raw, dim: int) -> np.ndarray:
@@ -61,10 +73,23 @@ def parse_vector(raw, dim: int) -> np.ndarray:
         raise ApiError(400, "bad_vector", f"vector must be a list of {dim} numbers, got {shown(raw)}")
     if len(raw) != dim:
         raise ApiError(400, "bad_vector_length", f"vector must have {dim} numbers, got {len(raw)}")
-    bad = next((i for i, x in enumerate(raw) if not math.isfinite(x)), None)
+    bad = next((i for i, x in enumerate(raw) if not _fits_float32(x)), None)
     if bad is not None:
-        raise ApiError(400, "bad_vector_value", f"vector[{bad}] is {raw[bad]}; every value must be finite")
+        raise ApiError(400, "bad_vector_value", f"vector[{bad}] is {shown(raw[bad], 40)}; every value must be finite "
+                       f"and within float32's range (|x| <= {FLOAT32_MAX:.4g})")
     return np.asarray(raw, dtype=np.float32)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _fits_float32(x) -> bool:
+    """Finite, and still finite as float32 (a JSON integer of 400 digits, or 1e39, is not)."""
+    try:
+        value = float(x)
+    except OverflowError:
+        return False
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
 def reject_unknown(fields, allowed: frozenset[str]) -> None:
@@ -73,8 +98,50 @@ def reject_unknown(fields, allowed: frozenset[str]) -> None:
         raise ApiError(400, "unknown_field", f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
 
 
+def buffer_body(request: Request, limit: int) -> None:
+    """Read the request body here, once: at most ``limit`` + 1 bytes, so a chunked body over the
+    limit is a 413 (a declared Content-Length over it was refused before). The routes then
+    parse it from memory, as a body of known length. A body that stops arriving by the
+    server's deadline is a 408 (:class:`ClientTooSlow`); a malformed chunked one a 400."""
+    environ = request.environ
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not chunked and not request.content_length:
+        return
+    want = limit + 1 if chunked else min(request.content_length, limit + 1)
+    parts, size = [], 0
+    try:
+        while size < want:
+            part = environ["wsgi.input"].read(min(1 << 16, want - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except (ClientTooSlow, ApiError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the server's chunk parser or a dropped connection
+        raise ApiError(400, "bad_body", f"the request body could not be read: {type(exc).__name__}: {shown(str(exc))}") from None
+    if size > limit:
+        raise ApiError(413, "body_too_large", f"request body (chunked) is over the limit of {limit} bytes")
+    if not chunked and size < request.content_length:
+        raise ApiError(400, "bad_body", f"the request body ended after {size} of its {request.content_length} bytes")
+    environ["wsgi.input"] = io.BytesIO(b"".join(parts))
+    environ["CONTENT_LENGTH"] = str(size)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    environ.pop("wsgi.input_terminated", None)
+    request.content_length = size  # werkzeug caches the header's (absent) value
+
+
+def json_body(request: Request):
+    """The parsed JSON body, or None when it is not JSON; a body nested too deeply for the
+    parser is a 400, not an internal error."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the JSON body is nested too deeply to parse") from None
+
+
 def _parse_json(request: Request, dim: int) -> SearchRequest:
-    body = request.get_json(silent=True)
+    body = json_body(request)
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object with 'image_base64' or 'vector'")
     reject_unknown(body, SEARCH_FIELDS_JSON)

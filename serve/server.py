@@ -6,6 +6,9 @@ import logging
 
 from gunicorn.app.base import BaseApplication
 
+from serve.app import DEFAULT_MAX_BODY_BYTES
+from serve.worker import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, JsonThreadWorker
+
 log = logging.getLogger(__name__)
 
 
@@ -23,16 +26,22 @@ class _GunicornApp(BaseApplication):
         return self._app_factory()
 
 
-def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: int = 8, preload: bool = True) -> None:
+def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: int = 8, preload: bool = True,
+                 hooks: dict | None = None, header_timeout: float = DEFAULT_HEADER_TIMEOUT_S,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT_S, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Serve ``app_factory()`` with gunicorn.
 
     With ``preload`` the app (and so the memory-mapped index) is loaded once in
-    the master and shared with the workers by fork, not copied N times.
+    the master and shared with the workers by fork, not copied N times. ``hooks``: extra
+    gunicorn settings (server hooks such as ``post_worker_init``). The workers are
+    :class:`serve.worker.JsonThreadWorker`: requests are read ahead without holding a thread,
+    a head must arrive within ``header_timeout`` s of its first byte and a body within
+    ``body_timeout`` s of its head (else 408), and gunicorn's refusals are JSON.
     """
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": JsonThreadWorker.configured(header_timeout, body_timeout, max_body_bytes),
         "threads": threads,
         "preload_app": preload,
         "timeout": 120,
@@ -41,6 +50,7 @@ def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: i
         "accesslog": None,  # the app writes its own structured access lines
         "errorlog": "-",
         "loglevel": "info",
+        **(hooks or {}),
     }
     log.info("serving on http://%s:%d (%d workers x %d threads)", host, port, workers, threads)
     _GunicornApp(app_factory, options).run()

@@ -28,7 +28,9 @@ from index.ann.limits import DISTINCT_WIDEN_FACTOR, distinct_fetch, widen
 from index.store import CatalogStore, product_results
 from serve import embedding
 from serve.batcher import DEFAULT_MAX_BATCH, Arrivals, MicroBatcher
+from serve.decode_budget import DecodeBudget
 from serve.errors import ApiError
+from serve.image_files import read_verified
 from serve.live import LiveIndex, LiveVersions, run_search
 from serve.requests import SearchRequest
 from serve.updates import UpdateLog
@@ -56,9 +58,11 @@ class SearchJob:
 class SearchService:
     def __init__(self, index_root: str | Path, store_path: str | Path, embedder=None, embedder_loader=None, *,
                  batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH,
-                 opener=None, live_updates: bool = True, store=None):
+                 opener=None, live_updates: bool = True, store=None, decode_budget: DecodeBudget | None = None):
         """``store``: an opened CatalogStore to read through (one LMDB handle per process, so
-        several services in one process share one); by default opened read-only on first use."""
+        several services in one process share one); by default opened read-only on first use.
+        ``decode_budget``: the decoded pixels this process holds at once (:mod:`serve.decode_budget`)."""
+        self.decode_budget = decode_budget or DecodeBudget()
         self.index_root = Path(index_root)
         self.store_path = Path(store_path)
         self._embedder = embedder
@@ -162,15 +166,17 @@ class SearchService:
         return body
 
     def _embed_query_image(self, data: bytes):
-        with self._stage("decode"):
-            image = decode_image(data)
-        pipeline = self.embedder()
-        prepared = embedding.prepare(pipeline, image, self._stage)  # in this thread: parallel with others
-        if self.batching:
-            query = self._embed_batcher.submit(prepared)
-        else:
-            self.arrivals.leave()
-            (query,) = embedding.embed_prepared(pipeline, [prepared], self._stage)
+        with self.decode_budget.hold(data):  # the decoded photo counts until it is embedded
+            with self._stage("decode"):
+                image = decode_image(data)
+            pipeline = self.embedder()
+            prepared = embedding.prepare(pipeline, image, self._stage)  # in this thread: parallel with others
+            if self.batching:
+                query = self._embed_batcher.submit(prepared)
+            else:
+                self.arrivals.leave()
+                (query,) = embedding.embed_prepared(pipeline, [prepared], self._stage)
+            del image, prepared
         return query
 
     def _embed_batch(self, prepared: list) -> list:
@@ -267,13 +273,13 @@ class SearchService:
             "images": [{"image": r.image, "content_hash": r.content_hash, "updated_at": r.updated_at} for r in records],
         }
 
-    def image_file(self, product_id: str, image: str | None) -> Path:
-        """A catalog file known to the store for this product; never an arbitrary path."""
+    def image_file(self, product_id: str, image: str | None) -> tuple[bytes, str, str]:
+        """(bytes, file name as stored, sha256) of a catalog image of this product: the stored
+        path's regular file, reached without following links, whose bytes hash to the stored
+        content hash (:func:`serve.image_files.read_verified`); never an arbitrary path."""
         records = self._records_of(product_id)
         chosen = records[0] if image is None else next((r for r in records if r.image == image), None)
         if chosen is None:
             raise ApiError(404, "unknown_image", f"product {product_id!r} has no image {image!r}")
-        path = Path(chosen.path)
-        if not path.is_file():
-            raise ApiError(404, "image_missing", f"the image file of product {product_id!r} is no longer on disk")
-        return path
+        data = read_verified(chosen.path, chosen.content_hash, f"product {product_id!r}")
+        return data, chosen.image, chosen.content_hash

@@ -2,9 +2,13 @@
 
 - ``imgsearch serve --shard-of INDEX_ROOT:i/n`` opens only shard files ``j`` with
   ``j % n == i`` of the version CURRENT names (build it with ``--shards`` a multiple of n).
-  Every server answers ``POST /v1/shard/search`` with raw candidates::
+  A shard server (only) answers ``POST /v1/shard/search`` with raw candidates::
       {"vectors": [[floats], ...], "k": int, "category": str|null}
       -> {"index_version", "shard": [i, n], "ids": [[int]], "scores": [[float]]}   (-1 ids pad)
+  It needs ``Authorization: Bearer $IMGSEARCH_SHARD_TOKEN`` (``--shard-token-env``), takes at
+  most MAX_SHARD_ROWS vectors and MAX_SHARD_CANDIDATES vectors x k per call, and applies the
+  store's live updates first; of each added id it keeps the copy whose shard file it serves
+  (:func:`serve.live.owned_ids`), so every id is held by one shard server.
 
 - ``imgsearch serve --shards URL,URL,...`` runs a front: its "index" is a
   :class:`ShardFanout`, which posts each (micro-batched) query matrix to every shard in
@@ -34,13 +38,18 @@ from flask import Flask, jsonify, request
 
 from index import open_index
 from index.ann.sources import store_category_of
+from serve.admin import check_bearer
 from serve.errors import ApiError
 from serve.requests import parse_category, parse_k, parse_vector, reject_unknown
 
 log = logging.getLogger(__name__)
 
 SHARD_SEARCH_FIELDS = frozenset({"vectors", "k", "category"})
-MAX_SHARD_QUERIES = 1024
+# One shard call's size: query rows, and rows x k candidates (~2.5 MB of JSON back at most).
+# A front splits bigger query matrices into calls within both.
+MAX_SHARD_ROWS = 256
+MAX_SHARD_CANDIDATES = 256 * 1024
+DEFAULT_SHARD_TOKEN_ENV = "IMGSEARCH_SHARD_TOKEN"
 DEFAULT_SHARD_TIMEOUT_MS = 1000.0
 
 
@@ -62,18 +71,25 @@ def parse_shard_of(text: str) -> tuple[str | None, int, int]:
 
 
 def shard_opener(i: int, n: int):
-    """An opener (for :class:`serve.service.SearchService`) of shard i of n of CURRENT."""
+    """An opener (for :class:`serve.service.SearchService`) of shard i of n of CURRENT (or of
+    ``version``)."""
 
-    def open_shard(index_root, store):
-        return open_index(str(index_root), shards=(i, n), category_of=store_category_of(store),
+    def open_shard(index_root, store, version: str | None = None):
+        return open_index(str(index_root), version, shards=(i, n), category_of=store_category_of(store),
                           deleted_ids=np.fromiter(store.deleted_ids(), dtype=np.int64))
 
+    open_shard.takes_version = True
     return open_shard
 
 
-def register_shard_routes(app: Flask, service) -> None:
+def register_shard_routes(app: Flask, service, *, token: str | None, token_env: str = DEFAULT_SHARD_TOKEN_ENV) -> None:
+    """``POST /v1/shard/search`` (a shard server's only): ``Authorization: Bearer <token>``,
+    the token being ``$token_env``'s value (unset or empty: 403 ``shard_disabled``)."""
+
     @app.post("/v1/shard/search")
     def shard_search():
+        check_bearer(token, token_env, "shard")
+        service.catch_up()  # live additions and deletions since the last call, as /v1/search does
         live = service.live()
         if live is None:
             raise ApiError(503, "not_ready", service.not_ready_reason())
@@ -85,10 +101,15 @@ def register_shard_routes(app: Flask, service) -> None:
             raise ApiError(400, "bad_json", "body must be a JSON object with 'vectors' and 'k'")
         reject_unknown(body, SHARD_SEARCH_FIELDS)
         rows = body.get("vectors")
-        if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_SHARD_QUERIES:
-            raise ApiError(400, "bad_vectors", f"vectors must be a list of 1..{MAX_SHARD_QUERIES} vectors, got {str(rows)[:60]}")
-        queries = np.stack([parse_vector(row, live.dim) for row in rows])
+        if not isinstance(rows, list) or not rows:
+            raise ApiError(400, "bad_vectors", f"vectors must be a list of 1..{MAX_SHARD_ROWS} vectors, got {str(rows)[:60]}")
+        if len(rows) > MAX_SHARD_ROWS:
+            raise ApiError(413, "too_many_vectors", f"a shard call takes at most {MAX_SHARD_ROWS} vectors, got {len(rows)}")
         k, category = parse_k(body.get("k")), parse_category(body.get("category"))
+        if len(rows) * k > MAX_SHARD_CANDIDATES:
+            raise ApiError(413, "too_many_candidates", f"{len(rows)} vectors x k {k} = {len(rows) * k} candidates, over the "
+                           f"limit of {MAX_SHARD_CANDIDATES} per shard call")
+        queries = np.stack([parse_vector(row, live.dim) for row in rows])
         with service._stage("search"):
             scores, ids = live.index.search(queries, k, category=category)
         scores = np.where(ids >= 0, scores, 0.0)  # JSON has no infinity: padding is marked by id -1
@@ -156,11 +177,13 @@ class ShardFanout:
     ``manifest``, ``ntotal``); every search goes to the shard servers."""
     is_fanout = True
 
-    def __init__(self, urls: list[str], timeout_s: float, metrics=None):
+    def __init__(self, urls: list[str], timeout_s: float, metrics=None, token: str | None = None):
+        """``token``: the shard token sent with every shard search."""
         if not urls:
             raise ValueError("a shard front needs at least one shard URL")
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout_s = timeout_s
+        self.token = token
         self.metrics = metrics
         self.client = ShardClient(timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=max(4, 8 * len(self.urls)), thread_name_prefix="shard")
@@ -201,10 +224,20 @@ class ShardFanout:
         return answers, errors
 
     def search_partial(self, queries: np.ndarray, k: int, *, category: str | None = None):
-        """(scores n x k, ids n x k, partial): the exact top-k of the shards that answered."""
-        body = json.dumps({"vectors": np.asarray(queries, np.float32).tolist(), "k": int(k), "category": category}).encode()
+        """(scores n x k, ids n x k, partial): the exact top-k of the shards that answered, in
+        shard calls within MAX_SHARD_ROWS rows and MAX_SHARD_CANDIDATES rows x k."""
+        queries = np.asarray(queries, np.float32)
+        step = max(1, min(MAX_SHARD_ROWS, MAX_SHARD_CANDIDATES // int(k)))
+        if len(queries) <= step:
+            return self._search_call(queries, k, category)
+        parts = [self._search_call(queries[start:start + step], k, category) for start in range(0, len(queries), step)]
+        return (np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts]), any(p[2] for p in parts))
+
+    def _search_call(self, queries: np.ndarray, k: int, category: str | None):
+        body = json.dumps({"vectors": queries.tolist(), "k": int(k), "category": category}).encode()
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         start = time.perf_counter()
-        answers, errors = self._all("POST", "/v1/shard/search", body, {})
+        answers, errors = self._all("POST", "/v1/shard/search", body, headers)
         for url, reason in errors.items():
             log.warning("shard %s failed after %.0f ms: %s", url, (time.perf_counter() - start) * 1e3, reason)
             if self.metrics is not None:
@@ -236,15 +269,15 @@ def merge_top_k(scores: list[np.ndarray], ids: list[np.ndarray], k: int, higher_
     return s, i
 
 
-def fanout_opener(urls: list[str], timeout_s: float, metrics_of):
+def fanout_opener(urls: list[str], timeout_s: float, metrics_of, token: str | None = None):
     """An opener for a front's SearchService: a refreshed :class:`ShardFanout` (``metrics_of()``
-    gives the app's metrics once attached)."""
+    gives the app's metrics once attached; ``token``: the shard token)."""
     state: dict = {}
 
     def open_fanout(index_root, store):
         fanout = state.get("fanout")
         if fanout is None:
-            fanout = state["fanout"] = ShardFanout(urls, timeout_s)
+            fanout = state["fanout"] = ShardFanout(urls, timeout_s, token=token)
         fanout.metrics = metrics_of()
         fanout.refresh()
         # A new object per load, so the service's swap sees a new snapshot; they share the pool.

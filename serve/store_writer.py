@@ -10,20 +10,29 @@ past ``serve.updates.COMPACT_MIN_BYTES``). Any number of workers or front proces
 this; the lock serialises them, and a busy store answers 503 ``store_locked``.
 
 Requests (one JSON object on stdin):
-- ``{"op": "put_product", "record": {...ItemRecord fields...}, "vector": [floats]}``: store the
-  image, then tombstone the product's other images (the product becomes exactly this image);
+- ``{"op": "put_product", "record": {...ItemRecord fields...}, "vector": [floats], "upload":
+  {"path": "STORE/uploads/<sha256>.<ext>", "image_base64": "..."}}``: save the upload (under the
+  lock; removed again when the record is not stored), store the image, then tombstone the
+  product's other images (the product becomes exactly this image);
 - ``{"op": "delete_product", "product_id": "..."}``: tombstone every image of the product.
+
+Every record written or tombstoned here names the API as its writer (``source: "api"``), so a
+later catalog run leaves it alone (:mod:`index.store.ownership`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+from imgsearch.atomic import write_bytes_atomic
 from imgsearch.clock import utc_now
 from index.store import CatalogStore, ItemRecord, StoreLocked
+from index.store.ownership import API_SOURCE
 from serve.errors import ApiError
 from serve.updates import UpdateLog
 
@@ -59,20 +68,38 @@ def _put_product(store, request: dict) -> dict:
     import numpy as np
 
 
-    record = ItemRecord(**request["record"])
+    record = ItemRecord(**{**request["record"], "source": API_SOURCE})
     vector = np.asarray(request["vector"], dtype=np.float32)[None, :]
     before = store.items_of_product(record.product_id)
-    (stored,) = store.put([record], vector)
+    created = _save_upload(request.get("upload"))
+    try:
+        (stored,) = store.put([record], vector)
+    except BaseException:
+        if created is not None:  # nothing refers to it: an error leaves the store as it was
+            created.unlink(missing_ok=True)
+        raise
     stale = [r.id for r in before if r.id != stored.id]
     if stale:
-        store.mark_deleted(stale)
+        store.mark_deleted(stale, source=API_SOURCE)
     return {"item_id": stored.id, "created": not before, "add": [stored.id], "delete": stale}
+
+
+def _save_upload(upload: dict | None) -> Path | None:
+    """Write the uploaded bytes at their content-addressed path; the path when this call created it."""
+    if not upload:
+        return None
+    path = Path(upload["path"])
+    if path.exists():  # the same bytes, already uploaded (maybe for another product): shared
+        return None
+    path.parent.mkdir(exist_ok=True)
+    write_bytes_atomic(path, base64.b64decode(upload["image_base64"]))
+    return path
 
 
 def _delete_product(store, request: dict) -> dict:
     ids = [r.id for r in store.items_of_product(request["product_id"])]
     if ids:
-        store.mark_deleted(ids)
+        store.mark_deleted(ids, source=API_SOURCE)
     return {"deleted": len(ids), "add": [], "delete": ids}
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from imgsearch import cli
 
-CONTRACT_COMMANDS = ["demo", "embed", "build", "search", "serve", "dedup", "rebuild", "train"]
+CONTRACT_COMMANDS = ["demo", "embed", "build", "search", "serve", "dedup", "rebuild", "verify", "train"]
 
 
 def test_every_contract_command_has_a_parser_and_a_handler_slot():

@@ -88,7 +88,7 @@ def test_second_run_exits_0_while_locked(tmp_path, capsys):
         code = main(["rebuild", str(catalog), "--store", str(tmp_path / "store"), "--index-root", str(tmp_path / "index")])
         assert rb.run_rebuild(config(tmp_path, catalog), PixelEmbedder(DIM)).status == "skipped"
     out = capsys.readouterr().out
-    assert code == 0 and f"another rebuild is running (pid {os.getpid()})" in out
+    assert code == 0 and f"another writer of INDEX_ROOT is running (pid {os.getpid()})" in out
     assert not (tmp_path / "store").exists() and versions.list_versions(str(tmp_path / "index")) == []
 
 
@@ -178,7 +178,7 @@ def test_notify_posts_reload_with_token(tmp_path, monkeypatch):
             seen.append((self.path, self.headers.get("Authorization")))
             self.send_response(200)
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(b'{"index_version": "v1"}')
 
         def log_message(self, *a):
             pass

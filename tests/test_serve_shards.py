@@ -28,6 +28,7 @@ from tests.test_serve import DIM, colour_embed
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
+SHARD_TOKEN = "cluster-shard-token"  # the front sends it; the shard servers require it
 
 
 def free_port() -> int:
@@ -107,13 +108,14 @@ def sharded_env(tmp_path_factory):
 def cluster(sharded_env):
     root, store_path, index_root = sharded_env
     common = ["--index-root", str(index_root), "--store", str(store_path), "--threads", "4"]
-    shards = [ServerProcess([*common, "--shard-of", f"{index_root}:{i}/2"], root / f"shard{i}.log") for i in range(2)]
+    env = {"IMGSEARCH_SHARD_TOKEN": SHARD_TOKEN}
+    shards = [ServerProcess([*common, "--shard-of", f"{index_root}:{i}/2"], root / f"shard{i}.log", env=env) for i in range(2)]
     try:
         for s in shards:
             s.wait_ready()
         front = ServerProcess([*common, "--shards", ",".join(s.url for s in shards), "--shard-timeout-ms", "2000",
                                "--batch-window-ms", "2"],
-                              root / "front.log").wait_ready()
+                              root / "front.log", env=env).wait_ready()
     except BaseException:
         for s in shards:
             s.kill()
@@ -201,7 +203,8 @@ def test_killing_a_shard_gives_partial_results_not_errors(cluster, single):
     shards, front = cluster
     shard_ids = []
     for s in shards:  # which products each shard holds
-        status, body = http("POST", s.url + "/v1/shard/search", {"vectors": [_queries(single)[0]], "k": 40})
+        status, body = http("POST", s.url + "/v1/shard/search", {"vectors": [_queries(single)[0]], "k": 40},
+                            {"Authorization": f"Bearer {SHARD_TOKEN}"})
         assert status == 200
         shard_ids.append({i for i in body["ids"][0] if i >= 0})
     partial_before = _metric(front, "imgsearch_partial_responses_total")
@@ -232,8 +235,9 @@ def test_killing_a_shard_gives_partial_results_not_errors(cluster, single):
         (["--shards", " , "], "at least one URL"),
     ],
 )
-def test_serve_role_options_are_checked_before_serving(extra, fragment, capsys):
+def test_serve_role_options_are_checked_before_serving(extra, fragment, capsys, monkeypatch):
     from imgsearch.cli import main
 
+    monkeypatch.setenv("IMGSEARCH_SHARD_TOKEN", SHARD_TOKEN)
     assert main(["serve", "--index-root", "idx", "--store", "st", *extra]) == 2
     assert fragment in capsys.readouterr().err

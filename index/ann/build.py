@@ -21,8 +21,8 @@ import numpy as np
 from imgsearch.errors import BadInput, JobFailed
 from index.ann import factory as factory_mod
 from index.ann import gpu as gpu_mod
+from index.ann import integrity, versions
 from index.ann import tune as tune_mod
-from index.ann import versions
 from index.ann.gpu import gpu_count
 from index.ann.parts import shard_prefix
 from index.ann.sources import DEFAULT_BLOCK, Block, VectorSource, sample_rows
@@ -209,7 +209,8 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     ``shard_builder`` builds the shards from the trained file (default: one after another in
     this process; :mod:`index.jobs.distributed` passes Ray tasks); ``build_notes`` are added to
     the manifest's ``build_config``. ``on_stage(name)`` is called as each stage begins: ``train``
-    (k-means and codebooks on a sample), ``add`` (the shards), ``tune``.
+    (k-means and codebooks on a sample), ``add`` (the shards), ``tune``. A job that writes
+    INDEX_ROOT holds ``versions.index_root_lock`` around this call (``imgsearch build``, rebuild).
     """
     t0 = time.monotonic()
     metric = metric or source.default_metric
@@ -233,6 +234,7 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
         tuned = tune_mod.tune_version(staging, manifest, source, target_recall, seed=seed, queries=tune_queries)
         manifest.update(tuned)
         manifest["build_seconds"] = round(time.monotonic() - t0, 3)
+        manifest[integrity.FILES] = integrity.record_files(staging, manifest)
         versions.write_json_atomic(os.path.join(staging, versions.MANIFEST), manifest)
         path = versions.commit_staging(index_root, staging, name)
     except BaseException:

@@ -1,4 +1,4 @@
-"""CLI handlers for ``imgsearch build`` and ``imgsearch search`` (wired in imgsearch/cli.py)."""
+"""CLI handlers for ``imgsearch build``, ``imgsearch search`` and ``imgsearch verify`` (wired in imgsearch/cli.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 from imgsearch.atomic import write_bytes_atomic
-from imgsearch.errors import BadInput
+from imgsearch.errors import BadInput, JobFailed
+from index.ann import integrity, versions
 from index.ann.build import build_version
 from index.ann.factory import parse_bytes
 from index.ann.search import open_index
@@ -37,11 +38,13 @@ def build_command(args) -> int:
     else:
         source = npy_source(args.vectors, args.ids, metric=args.metric)
     try:
-        result = build_version(
-            source, args.index_root, factory=args.factory, shards=args.shards, metric=args.metric,
-            target_recall=args.target_recall, gpu=args.gpu,
-            memory_budget=parse_bytes(getattr(args, "memory_budget", None)),
-            seed=getattr(args, "seed", 0) or 0)
+        # The one writer lock of INDEX_ROOT: a build never publishes while a rebuild (or build) runs.
+        with versions.index_root_lock(args.index_root):
+            result = build_version(
+                source, args.index_root, factory=args.factory, shards=args.shards, metric=args.metric,
+                target_recall=args.target_recall, gpu=args.gpu,
+                memory_budget=parse_bytes(getattr(args, "memory_budget", None)),
+                seed=getattr(args, "seed", 0) or 0, build_notes={"job": "build"})
     finally:
         if store is not None and hasattr(store, "close"):
             store.close()
@@ -134,3 +137,24 @@ def _join(store, scores, ids, k: int) -> list[dict]:
     # No store to name products: each id stands for itself.
     return [{"product_id": str(item), "score": round(float(score), 6), "category": None, "image": None, "metadata": {}}
             for score, item in zip(scores.tolist(), ids.tolist()) if item >= 0][:k]
+
+
+def verify_command(args) -> int:
+    """``imgsearch verify INDEX_ROOT [--version V]``: every check on every byte of one version
+    (default: the one CURRENT names). One line per problem on stdout; exit 1 when any."""
+    root = args.index_root
+    if not os.path.isdir(root):
+        raise BadInput(f"INDEX_ROOT {root!r} is not a folder")
+    name = versions.check_name(args.version) if args.version else versions.read_current(root)
+    vdir = os.path.join(root, name)
+    if not os.path.isdir(vdir):
+        raise BadInput(f"no index version {name!r} in {root!r} (versions: {', '.join(versions.list_versions(root)) or 'none'})")
+    report = integrity.verify_version(vdir)
+    for line in report.problems + report.notes:
+        print(f"{name}: {line}")
+    sys.stdout.flush()
+    if report.problems:
+        raise JobFailed(f"index version {name!r} failed {len(report.problems)} check(s); first: {report.problems[0]}")
+    checked = "sizes and sha256 checked" if not report.notes else "structure checked"
+    print(f"{name}: ok ({report.files} files, {checked})")
+    return 0

@@ -105,10 +105,16 @@ def load_raw(path: str, dtype, shape, mmap: bool):
 
 def open_part(vdir: str, shard: dict, dim: int, mmap: bool) -> Part:
     flags = (faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mmap else 0
-    index = faiss.read_index(os.path.join(vdir, shard["index"]), flags)
+    try:
+        index = faiss.read_index(os.path.join(vdir, shard["index"]), flags)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise versions.BadIndex(f"index version {os.path.basename(vdir)!r}: {shard['index']} is not a readable "
+                                f"faiss index ({first}); refusing to open it") from None
     n = int(shard["ntotal"])
-    if index.ntotal != n:
-        raise versions.NoIndex(f"{vdir!r}: {shard['index']} holds {index.ntotal} vectors, manifest says {n}")
+    if index.ntotal != n or index.d != dim:
+        raise versions.BadIndex(f"index version {os.path.basename(vdir)!r}: {shard['index']} holds {index.ntotal} "
+                                f"{index.d}-d vectors, the manifest says {n} {dim}-d; refusing to open it")
     ids = load_raw(os.path.join(vdir, shard["ids"]), np.int64, (n,), mmap)
     sorted_ids = load_raw(os.path.join(vdir, shard["sorted_ids"]), np.int64, (n,), mmap)
     order = load_raw(os.path.join(vdir, shard["order"]), np.int64, (n,), mmap)

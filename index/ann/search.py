@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from imgsearch.errors import BadInput
-from index.ann import versions
+from index.ann import integrity, versions
 from index.ann.limits import MAX_K, check_k, widen
 from index.ann.merge import allowed_ids_of, along, candidates, cut, keep_filter, pad_to_k, select, top_k
 from index.ann.parts import Part, open_part, search_part, shard_files_of, want_mmap
@@ -295,11 +295,14 @@ def open_index(index_root: str, version: str | None = None, *, mmap="auto", gpu:
     share, see :func:`shard_files_of`); its ``manifest`` then has ``shard_of: [i, n]`` and that
     share's ``ntotal``. Searching every share and merging by (score, id) gives the full
     version's results.
+    A version whose files fail the cheap integrity checks (:mod:`index.ann.integrity`) raises
+    :class:`~index.ann.versions.BadIndex` and is not opened.
     """
     vdir = versions.version_dir(index_root, version)
     manifest = versions.read_manifest(vdir)
-    use_mmap = want_mmap(vdir, manifest, mmap)
     mine = shard_files_of(manifest, shards)
+    integrity.check_at_open(vdir, manifest, mine, whole=shards is None)
+    use_mmap = want_mmap(vdir, manifest, mmap)
     parts = [open_part(vdir, s, int(manifest["dim"]), use_mmap) for s in mine]
     if shards is not None:
         manifest = dict(manifest, shard_of=[int(shards[0]), int(shards[1])], ntotal=sum(int(s["ntotal"]) for s in mine))

@@ -10,6 +10,12 @@ A version is built in a staging directory, its manifest is written last, then th
 directory is renamed into place (``os.replace`` is atomic within a file system) and only then
 is CURRENT replaced. A reader that reads CURRENT therefore always finds a complete version.
 Old versions are kept: a reader that resolved the previous CURRENT can still open it.
+
+Every writer of INDEX_ROOT (``imgsearch build``, ``imgsearch rebuild``, the demo) holds
+``INDEX_ROOT/.rebuild.lock`` (:func:`index_root_lock`: flock + pid, dropped by the kernel when
+the holder dies) for its whole run, so two writers never publish, clean up or collect at once.
+The manifest's ``build_config.job`` names the writer that built the version (``build`` or
+``rebuild``), and ``files`` the size and sha256 of every data file (:mod:`index.ann.integrity`).
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import time
 
 from imgsearch.atomic import fsync_dir, write_bytes_atomic
 from imgsearch.errors import BadInput, JobFailed
+from index.store.pidlock import AlreadyRunning, JobLock
 
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".rebuild.lock"  # the one writer lock of INDEX_ROOT (named when only rebuild took it)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -35,6 +43,59 @@ class NoIndex(BadInput):
 
     code = "no_index"
     http_status = 503
+
+
+class BadIndex(NoIndex):
+    """A version whose files fail an integrity check (size, checksum, header, counts): never opened."""
+
+    code = "bad_index"
+
+
+class IndexRootLocked(JobFailed):
+    """Another writer holds INDEX_ROOT's lock."""
+
+    code = "index_root_locked"
+
+    def __init__(self, index_root: str, pid: str):
+        super().__init__(f"another writer (pid {pid}) holds the lock of INDEX_ROOT {index_root!r} ({LOCK_FILE}); "
+                         "one writer at a time, nothing written")
+        self.pid = pid
+
+
+class IndexRootLock:
+    """The writer lock of INDEX_ROOT, taken without waiting: :class:`IndexRootLocked` names the holder."""
+
+    def __init__(self, index_root: str):
+        self.index_root = os.fspath(index_root)
+        self._lock = JobLock(os.path.join(self.index_root, LOCK_FILE))
+
+    def acquire(self) -> IndexRootLock:
+        os.makedirs(self.index_root, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except AlreadyRunning as exc:
+            raise IndexRootLocked(self.index_root, exc.pid) from None
+        return self
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> IndexRootLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def index_root_lock(index_root: str) -> IndexRootLock:
+    """``with index_root_lock(root):`` around everything a writer does to INDEX_ROOT."""
+    return IndexRootLock(index_root)
+
+
+def built_by(manifest: dict) -> str | None:
+    """The job that built a version (``build_config.job``): "build", "rebuild", or None (the
+    Python API, or a version from before the field existed)."""
+    return (manifest.get("build_config") or {}).get("job")
 
 
 def new_version_name() -> str:

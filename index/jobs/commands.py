@@ -12,13 +12,14 @@ import os
 import sys
 
 from embed.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
+from imgsearch.atomic import check_dir_creatable
 from imgsearch.errors import BadInput
+from index.ann import versions
 from index.jobs import dedup
 from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
-from index.jobs.rebuild import LOCK_FILE, RebuildConfig, run_rebuild
+from index.jobs.rebuild import RebuildConfig, run_rebuild
 from index.store import CatalogStore
 from index.store.ingest import ingest_catalog
-from index.store.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +31,19 @@ def rebuild_command(args) -> int:
         catalog=args.catalog, store=args.store, index_root=args.index_root, keep=args.keep,
         target_recall=args.target_recall, factory=args.factory, shards=args.shards, gpu=args.gpu,
         batch_size=args.batch_size, notify=[u for u in (args.notify or "").split(",") if u.strip()],
-        force=args.force, distributed=args.distributed, model_spec=args.model)
+        force=args.force, distributed=args.distributed, model_spec=args.model,
+        allow_mass_delete=getattr(args, "allow_mass_delete", False))
     if not os.path.isfile(cfg.catalog):
         raise BadInput(f"catalog {cfg.catalog!r} does not exist or is not a file")
     parse_distributed(cfg.distributed)
+    for folder in (cfg.index_root, cfg.store):  # before anything is created or the model loaded
+        check_dir_creatable(folder)
     # Cheap check first: a second cron run must not pay for loading the model to learn it has nothing to do.
-    os.makedirs(cfg.index_root, exist_ok=True)
-    probe = JobLock(os.path.join(cfg.index_root, LOCK_FILE))
     try:
-        probe.acquire()
-        probe.release()
-    except AlreadyRunning as exc:
-        print(f"imgsearch rebuild: another rebuild is running (pid {exc.pid}); this run does nothing")
+        with versions.index_root_lock(cfg.index_root):
+            pass
+    except versions.IndexRootLocked as exc:
+        print(f"imgsearch rebuild: another writer of INDEX_ROOT is running (pid {exc.pid}); this run does nothing")
         return 0
     pipeline = load_pipeline(args.model, batch_size=args.batch_size)
     result = run_rebuild(cfg, pipeline)
@@ -106,9 +108,10 @@ def embed_distributed(args) -> int:
     from embed.pipeline import load_pipeline
 
     address = parse_distributed(args.distributed)
+    check_dir_creatable(args.store)
     pipeline = load_pipeline(args.model, batch_size=args.batch_size)
     summary = distributed_ingest(args.catalog, args.store, pipeline, address, batch_size=args.batch_size,
-                                 model_spec=args.model)
+                                 model_spec=args.model, allow_mass_delete=getattr(args, "allow_mass_delete", False))
     print(f"imgsearch embed: {summary.line()}")
     return 0
 
@@ -119,11 +122,12 @@ def embed_command(args) -> int:
         return embed_distributed(args)
     from embed.pipeline import load_pipeline
 
+    check_dir_creatable(args.store)  # before the model loads
     pipeline = load_pipeline(args.model, batch_size=args.batch_size)
     log.info("embedding with model %s (runtime %s, detector %s)", pipeline.model_hash[:16], pipeline.embedder.runtime,
              pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
     with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
         summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=sys.stderr.isatty(),
-                                 model=pipeline.model_hash)
+                                 model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False))
     print(f"imgsearch embed: {summary.line()}")
     return 0

@@ -137,7 +137,7 @@ def _plan_rows(catalog: str, store) -> list[dict]:
 
 
 def distributed_ingest(catalog: str, store_path: str, embedder, address: str | None, *, batch_size: int = 32,
-                       model_spec: str | None = None, embedder_factory=None):
+                       model_spec: str | None = None, embedder_factory=None, allow_mass_delete: bool = False):
     """Embed on a Ray actor pool, then ingest in this process (the single writer)."""
     ray = connect(address)
     if embedder_factory is None:
@@ -169,7 +169,8 @@ def distributed_ingest(catalog: str, store_path: str, embedder, address: str | N
                     out[hit] = np.stack([cache[keys[i]] for i in hit])
                 return out
 
-            summary = ingest_catalog(catalog, store, embed_fn, batch_size, progress=False, model=embedder.model_hash)
+            summary = ingest_catalog(catalog, store, embed_fn, batch_size, progress=False, model=embedder.model_hash,
+                                     allow_mass_delete=allow_mass_delete)
             if local["n"]:
                 log.info("ray: %d image(s) were embedded locally (not embedded by a worker)", local["n"])
             summary.embedded_on_cluster = len(cache)  # reported by the bench and checked by the tests
@@ -221,9 +222,9 @@ def _build_shard_task(trained_path: str, store_path: str, shard_no: int, n_shard
 
 def distributed_build(source, index_root: str, address: str | None, *, store_path: str, factory: str = "auto",
                       shards: int = 1, metric: str | None = None, target_recall: float = 0.95, gpu: str = "auto",
-                      seed: int = 0, on_stage=None):
+                      seed: int = 0, on_stage=None, build_notes: dict | None = None):
     """``build_version`` with its shards built as parallel Ray tasks: train once here, tune,
-    commit (not publish: the rebuild job validates first)."""
+    commit (not publish: the rebuild job validates first). ``build_notes`` join the manifest's build_config."""
     ray = connect(address)
     task = ray.remote(num_cpus=1)(_build_shard_task)
 
@@ -233,7 +234,8 @@ def distributed_build(source, index_root: str, address: str | None, *, store_pat
 
     return build_version(source, index_root, factory=factory, shards=shards, metric=metric,
                          target_recall=target_recall, gpu=gpu, seed=seed, publish=False, shard_builder=ray_shards,
-                         build_notes={"distributed": f"ray ({shards} shard task(s))"}, on_stage=on_stage)
+                         build_notes={"distributed": f"ray ({shards} shard task(s))", **(build_notes or {})},
+                         on_stage=on_stage)
 
 
 # ---------------------------------------------------------------- dedup

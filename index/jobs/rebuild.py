@@ -1,10 +1,13 @@
 """``imgsearch rebuild CATALOG --store STORE --index-root ROOT``: the cron entry.
 
 Stages (each logged as ``rebuild: stage NAME``):
-1. **lock**: ``INDEX_ROOT/.rebuild.lock`` (flock + pid). A second run exits 0 with
-   "another rebuild is running (pid N)".
+1. **lock**: INDEX_ROOT's one writer lock (``versions.index_root_lock``: flock + pid on
+   ``INDEX_ROOT/.rebuild.lock``, also held by ``imgsearch build``). A second run exits 0 with
+   "another writer of INDEX_ROOT is running (pid N)".
 2. **ingest**: the catalog diff into the store (new/changed images embedded, missing products
-   tombstoned, unchanged ones skipped by content hash *and* model hash).
+   tombstoned, unchanged ones skipped by content hash *and* model hash; products written through
+   the API since are left alone, and a run deleting over 10% of the store fails first unless
+   ``allow_mass_delete``: :mod:`index.store.ownership`).
 3. **train** / **add**: a new version from the store's live vectors (same factory and shard
    count as the live version when that factory was chosen by hand, else ``auto``), built with
    ``publish=False``: it lands in ``INDEX_ROOT/<version>/`` but CURRENT is not touched.
@@ -14,7 +17,8 @@ Stages (each logged as ``rebuild: stage NAME``):
 5. **publish**: CURRENT is replaced atomically (``versions.set_current``).
 6. **notify** (optional): ``POST URL/v1/admin/reload`` with ``$IMGSEARCH_ADMIN_TOKEN``; failures
    are logged, not fatal.
-7. **gc**: keep the newest ``--keep`` versions and always the live one.
+7. **gc**: keep the live version and the newest ``--keep`` validated ones (see
+   :func:`gc_versions`); delete this job's other versions, never anyone else's.
 
 A run killed at any point leaves CURRENT at the previous good version: the store is written
 in kill-safe transactions, a version is complete before it is named, and CURRENT changes in
@@ -35,6 +39,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
@@ -48,11 +53,10 @@ from index.ann.sources import sample_rows, store_source
 from index.jobs.distributed import distributed_build, distributed_ingest, parse_distributed
 from index.store import CatalogStore
 from index.store.ingest import ingest_catalog
-from index.store.pidlock import AlreadyRunning, JobLock
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".rebuild.lock"
+LOCK_FILE = versions.LOCK_FILE
 SIDECAR = "rebuild.json"
 STAGES = ("lock", "ingest", "train", "add", "tune", "validate", "publish", "notify", "gc")
 VALIDATION_QUERIES = 300
@@ -80,6 +84,7 @@ class RebuildConfig:
     seed: int = 0
     distributed: str | None = None  # "ray" or "ray:ADDRESS"
     model_spec: str | None = None  # the --model checkpoint (Ray workers load it themselves)
+    allow_mass_delete: bool = False  # let ingest delete over ownership.MASS_DELETE_FRACTION of the store
 
 
 @dataclasses.dataclass
@@ -144,7 +149,7 @@ def build_plan(cfg: RebuildConfig, live_manifest: dict | None, n: int) -> tuple[
 
 
 def remove_stale_staging(index_root: str) -> list[str]:
-    """Staging folders of killed builds (safe: the caller holds the rebuild lock)."""
+    """Staging folders of killed builds (safe: the caller holds INDEX_ROOT's writer lock, as every build does)."""
     removed = []
     try:
         names = os.listdir(index_root)
@@ -168,7 +173,15 @@ def remove_version(index_root: str, name: str) -> None:
 
 
 def gc_versions(index_root: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions; never the one CURRENT names."""
+    """Keep the live version and the newest ``keep`` rollback targets; delete this job's other versions.
+
+    A rollback target is a validated version: one with ``rebuild.json`` (this job validated it
+    before publishing) or one that ``imgsearch build`` tuned and published (manifest
+    ``build_config.job == "build"``). A version this job built but never validated (killed at
+    validate: a manifest, no ``rebuild.json``) is never a target, and is deleted. The job deletes
+    only what it created (``rebuild.json`` or ``job == "rebuild"``): versions of ``imgsearch
+    build``, of the Python API or copied in by hand are left alone, and do not count unless validated.
+    """
     if keep < 1:
         raise BadInput(f"--keep must be >= 1, got {keep}")
     live, _ = live_version(index_root)
@@ -176,10 +189,21 @@ def gc_versions(index_root: str, keep: int) -> list[str]:
     # by when each manifest was written (the last step of a build).
     names = sorted(versions.list_versions(index_root), key=lambda n: (
         os.stat(os.path.join(index_root, n, versions.MANIFEST)).st_mtime_ns, n))
-    kept = set(names[-keep:]) | ({live} if live else set())
+    ours, targets = set(), []
+    for name in names:
+        try:
+            built_by = versions.built_by(versions.read_manifest(os.path.join(index_root, name)))
+        except versions.NoIndex:
+            continue  # unreadable: not provably ours, and no rollback target
+        validated = os.path.isfile(os.path.join(index_root, name, SIDECAR))
+        if validated or built_by == "rebuild":
+            ours.add(name)
+        if validated or built_by == "build":
+            targets.append(name)
+    kept = set(targets[-keep:]) | ({live} if live else set())
     removed = []
     for name in names:
-        if name not in kept:
+        if name in ours and name not in kept:
             remove_version(index_root, name)
             removed.append(name)
     if removed:
@@ -188,26 +212,37 @@ def gc_versions(index_root: str, keep: int) -> list[str]:
 
 
 def notify_servers(urls: Sequence[str], version: str, token: str | None = None) -> dict:
-    """POST URL/v1/admin/reload to each server; {url: "ok" | error text}. Never raises."""
+    """POST URL/v1/admin/reload (no body, as the endpoint takes) to each server; {url: "ok" | error
+    text}. "ok" only when the server answers that it now serves ``version``. Never raises."""
     token = token if token is not None else os.environ.get("IMGSEARCH_ADMIN_TOKEN", "")
     out = {}
     for url in urls:
         target = url.rstrip("/")
         if not target.endswith("/v1/admin/reload"):
             target += "/v1/admin/reload"
-        body = json.dumps({"version": version}).encode()
-        req = urllib.request.Request(target, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
-        try:
-            with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT) as resp:
-                out[url] = "ok" if 200 <= resp.status < 300 else f"HTTP {resp.status}"
-        except Exception as exc:  # noqa: BLE001 - a dead server must not fail the rebuild
-            out[url] = f"{type(exc).__name__}: {exc}"
+        out[url] = _reload_server(target, version, token)
         if out[url] == "ok":
             log.info("notified %s: reloaded %s", target, version)
         else:
             log.warning("notify %s failed (the new version is published anyway): %s", target, out[url])
     return out
+
+
+def _reload_server(target: str, version: str, token: str) -> str:
+    req = urllib.request.Request(target, data=b"", method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT) as resp:
+            answer = json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())["error"]["message"]
+        except Exception:  # noqa: BLE001 - not the JSON error body: the status says enough
+            detail = exc.reason
+        return f"HTTP {exc.code}: {detail}"
+    except Exception as exc:  # noqa: BLE001 - a dead server must not fail the rebuild
+        return f"{type(exc).__name__}: {exc}"
+    serving = answer.get("index_version") if isinstance(answer, dict) else None
+    return "ok" if serving == version else f"the server reloaded {serving!r}, not the published {version!r}"
 
 
 # ---------------------------------------------------------------- validation
@@ -260,11 +295,11 @@ def run_rebuild(cfg: RebuildConfig, embedder, on_stage: StageCallback | None = N
     t0 = time.monotonic()
     stage = _stage_reporter(on_stage)
     os.makedirs(cfg.index_root, exist_ok=True)
-    lock = JobLock(os.path.join(cfg.index_root, LOCK_FILE))
+    lock = versions.index_root_lock(cfg.index_root)
     try:
         lock.acquire()
-    except AlreadyRunning as exc:
-        msg = f"another rebuild is running (pid {exc.pid}); this run does nothing"
+    except versions.IndexRootLocked as exc:
+        msg = f"another writer of INDEX_ROOT is running (pid {exc.pid}); this run does nothing"
         log.info(msg)
         return RebuildResult("skipped", message=msg)
     try:
@@ -289,10 +324,11 @@ def _ingest(cfg: RebuildConfig, embedder, stage: StageCallback):
     stage("ingest")
     if cfg.distributed:
         return distributed_ingest(cfg.catalog, cfg.store, embedder, parse_distributed(cfg.distributed),
-                                  batch_size=cfg.batch_size, model_spec=cfg.model_spec)
+                                  batch_size=cfg.batch_size, model_spec=cfg.model_spec,
+                                  allow_mass_delete=cfg.allow_mass_delete)
     with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
         return ingest_catalog(cfg.catalog, store, embedder.embed_catalog, cfg.batch_size, progress=sys.stderr.isatty(),
-                              model=embedder.model_hash)
+                              model=embedder.model_hash, allow_mass_delete=cfg.allow_mass_delete)
 
 
 def _run_locked(cfg: RebuildConfig, embedder, stage: StageCallback) -> RebuildResult:
@@ -346,6 +382,7 @@ def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | 
     if cfg.distributed:
         return distributed_build(source, cfg.index_root, parse_distributed(cfg.distributed), store_path=cfg.store,
                                  factory=factory, shards=shards, metric=metric, target_recall=cfg.target_recall,
-                                 gpu=cfg.gpu, seed=cfg.seed, on_stage=stage)
+                                 gpu=cfg.gpu, seed=cfg.seed, on_stage=stage, build_notes={"job": "rebuild"})
     return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,
-                         target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False, on_stage=stage)
+                         target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False, on_stage=stage,
+                         build_notes={"job": "rebuild"})

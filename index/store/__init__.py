@@ -5,6 +5,7 @@ vectors, and the pid locks its writers take.
 ``ingest``: a catalog run against the store (what changed is embedded, stored, deleted).
 ``records``: item ids, :class:`ItemRecord`, the join of search hits to products.
 ``lmdb_store``: :class:`CatalogStore`. ``pidlock``: one writer at a time.
+``ownership``: who wrote an item (a catalog file or the API), and the mass-delete guard.
 """
 
 from index.store.lmdb_store import CatalogStore

@@ -21,8 +21,10 @@ from PIL import Image
 
 from embed.image_io import DEFAULT_MAX_PIXELS, decode_image
 from imgsearch.errors import BadInput, JobFailed
+from index.store import ownership
 from index.store.catalog import REJECTS_FILE, CatalogRow, Reject, read_catalog
 from index.store.lmdb_store import CatalogStore
+from index.store.ownership import API_SOURCE, MASS_DELETE_FRACTION
 from index.store.records import ItemRecord
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,9 @@ class IngestSummary:
     changed: int = 0  # image bytes changed: re-embedded
     unchanged: int = 0  # nothing to do
     updated: int = 0  # same image, new category/metadata/path: record rewritten, not embedded
-    deleted: int = 0  # stored items absent from this catalog, now tombstoned
+    deleted: int = 0  # stored items absent from this catalog (or the API's, replaced by it), now tombstoned
     rejected: int = 0
+    api_owned: int = 0  # rows left as the API left them: it rewrote or deleted them since, and the row is unchanged
     seconds: float = 0.0
     rejects_path: str | None = None
     added_embedded: int = 0  # the part of ``added`` that needed embedding
@@ -52,8 +55,9 @@ class IngestSummary:
         return self.added_embedded + self.changed
 
     def counts(self) -> str:
+        api = f"api-owned {self.api_owned}, " if self.api_owned else ""
         return (f"added {self.added}, changed {self.changed}, unchanged {self.unchanged}, updated {self.updated}, "
-                f"deleted {self.deleted}, rejected {self.rejected}")
+                f"deleted {self.deleted}, {api}rejected {self.rejected}")
 
     def line(self) -> str:
         text = self.counts()
@@ -79,10 +83,19 @@ def ingest_catalog(
     mark_missing_deleted: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     model: str | None = None,
+    allow_mass_delete: bool = False,
+    max_delete_fraction: float = MASS_DELETE_FRACTION,
 ) -> IngestSummary:
     """Bring ``store`` in line with the catalog: embed new and changed images with ``embed_fn``
     (list of RGB images -> float32 (n, dim)), rewrite changed records, and (with
-    ``mark_missing_deleted``) tombstone stored items the catalog no longer lists.
+    ``mark_missing_deleted``) tombstone stored items this catalog wrote and no longer lists.
+
+    Ownership (:mod:`index.store.ownership`): records carry their writer; rows the API rewrote or
+    deleted since are left alone unless the row changed, and other catalogs' items are never
+    deleted. The deletes come last, counted first: more than ``max_delete_fraction`` of the
+    store's live items raises :class:`~index.store.ownership.MassDeleteRefused` before any delete
+    (the run's adds and updates are kept; ``rejects.jsonl`` and the store's model stay as they
+    were) unless ``allow_mass_delete``.
 
     Bad rows go to ``STORE/rejects.jsonl`` (replaced at the end of each run) and the job goes on.
 
@@ -96,13 +109,15 @@ def ingest_catalog(
         raise BadInput(f"batch_size {batch_size!r} must be >= 1")
     if store.readonly:
         raise BadInput(f"store {str(store.path)!r} is open read-only; ingest needs CatalogStore.create_or_open")
-    job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels, model)
+    job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels, model,
+                  allow_mass_delete=allow_mass_delete, max_delete_fraction=max_delete_fraction)
     return job.run(mark_missing_deleted)
 
 
 class _Ingest:
     def __init__(self, catalog_path: Path, store: CatalogStore, embed_fn: EmbedFn, batch_size: int, progress: bool,
-                 max_pixels: int, model: str | None = None):
+                 max_pixels: int, model: str | None = None, *, allow_mass_delete: bool = False,
+                 max_delete_fraction: float = MASS_DELETE_FRACTION):
         self.model = model
         # A model change (or a store of unknown model): no stored vector may be reused as is.
         self.model_changed = model is not None and store.model != model
@@ -121,6 +136,11 @@ class _Ingest:
         self.pending_new_pairs: dict[tuple[str, str], int] = {}  # not yet stored -> line
         self.pending_updates: list[ItemRecord] = []
         self.progress = _Progress(progress, catalog_path)
+        self.source = ownership.catalog_source(catalog_path)
+        # Rows the API holds (product -> rows), until this run finds the catalog changed that product.
+        self.held: dict[str, list[tuple[CatalogRow, ItemRecord, bool]]] = {}
+        self.won: set[str] = set()  # products whose catalog rows changed over the API's writes
+        self.allow_mass_delete, self.max_delete_fraction = allow_mass_delete, max_delete_fraction
 
     def run(self, mark_missing_deleted: bool) -> IngestSummary:
         started = time.monotonic()
@@ -133,10 +153,8 @@ class _Ingest:
                     self._flush(final=False)
                     self.progress.update(len(chunk), self.summary)
                 self._flush(final=True)
-                if mark_missing_deleted:
-                    self._delete_missing()
+                self._delete(mark_missing_deleted)
                 if self.model_changed:
-                    self._delete_other_models()
                     self.store.set_model(self.model)
                 rejects.commit()
         finally:
@@ -167,6 +185,9 @@ class _Ingest:
         if duplicate_of is not None:
             self._reject(Reject(row.line, row.product_id, row.image, f"duplicate of {duplicate_of}: same product_id and image"))
             return
+        self._apply_row(row, old, old_has_vector)
+
+    def _apply_row(self, row: CatalogRow, old: ItemRecord | None, old_has_vector: bool, *, won: bool = False) -> None:
         path = (self.catalog_dir / row.image).resolve()
         try:
             data = path.read_bytes()
@@ -177,7 +198,10 @@ class _Ingest:
             self._reject(Reject(row.line, row.product_id, row.image, f"cannot read {str(path)!r}: {exc.strerror or exc}"))
             return
         record = ItemRecord(product_id=row.product_id, image=row.image, path=str(path), category=row.category,
-                            metadata=row.metadata, content_hash=hashlib.sha256(data).hexdigest(), model=self.model)
+                            metadata=row.metadata, content_hash=hashlib.sha256(data).hexdigest(), model=self.model,
+                            source=self.source)
+        if not won and not self._catalog_writes(row, record, old, old_has_vector):
+            return
         same_model = self.model is None or (old is not None and old.model == self.model)
         if old is not None and old_has_vector and old.content_hash == record.content_hash and same_model:
             record = dataclasses.replace(record, model=old.model)
@@ -192,6 +216,45 @@ class _Ingest:
         if old is None:
             self.pending_new_pairs[(row.product_id, row.image)] = row.line
 
+    def _catalog_writes(self, row: CatalogRow, record: ItemRecord, old: ItemRecord | None, old_has_vector: bool) -> bool:
+        """Whether this run writes the row; False holds it: the API rewrote or deleted it since, and it is unchanged."""
+        product = row.product_id
+        if old is None or (old.deleted and old.source != API_SOURCE):
+            # New to the store, or back in the catalog: a catalog change, which wins a product the API wrote.
+            if product not in self.won and self._api_wrote(product):
+                self._win(product)
+            return True
+        if old.source != API_SOURCE:
+            return True
+        if product in self.won or not ownership.same_row(old, record) or self._catalog_holds(product):
+            self._win(product)
+            return True
+        self.held.setdefault(product, []).append((row, old, old_has_vector))
+        self.summary.api_owned += 1
+        return False
+
+    def _api_wrote(self, product_id: str) -> bool:
+        return any(ownership.owner_of(r, self.store.path) == API_SOURCE
+                   for r in self.store.items_of_product(product_id, include_deleted=True))
+
+    def _catalog_holds(self, product_id: str) -> bool:
+        """A live catalog item of the product: a catalog already won it back (a run killed midway did)."""
+        return any(ownership.owner_of(r, self.store.path) != API_SOURCE for r in self.store.items_of_product(product_id))
+
+    def _win(self, product_id: str) -> None:
+        """The catalog takes the product back: the API's live images of it go first (so a run killed
+        here finds the changed row still the API's and wins again), then the rows held so far are written."""
+        if product_id in self.won:
+            return
+        self.won.add(product_id)
+        api_live = [r.id for r in self.store.items_of_product(product_id)
+                    if ownership.owner_of(r, self.store.path) == API_SOURCE]
+        if api_live:
+            self.summary.deleted += self.store.mark_deleted(api_live, source=self.source)
+        for row, old, old_has_vector in self.held.pop(product_id, []):
+            self.summary.api_owned -= 1
+            self._apply_row(row, old, old_has_vector, won=True)
+
     def _duplicate_of(self, row: CatalogRow, old: ItemRecord | None) -> str | None:
         if old is None:
             line = self.pending_new_pairs.get((row.product_id, row.image))
@@ -203,6 +266,8 @@ class _Ingest:
 
     def _keep_vector(self, record: ItemRecord, old: ItemRecord) -> None:
         if old.same_content_and_fields(record):
+            if old.source != record.source:  # this catalog now owns it (a record from before owners, or another catalog's)
+                self.pending_updates.append(record)
             self.summary.unchanged += 1
         elif old.deleted:
             self.pending_updates.append(record)
@@ -248,30 +313,36 @@ class _Ingest:
             raise JobFailed(f"embed_fn returned NaN/inf values for a batch of {len(images)} images")
         return vectors
 
-    def _delete_other_models(self) -> None:
-        """Tombstone live items whose vector another model made (their rows were rejected)."""
-        stale: list[int] = []
-        for record in self.store.iter_records():
-            if record.model != self.model:
-                stale.append(record.id)
-            if len(stale) >= DELETE_CHUNK:
-                self.summary.deleted += self.store.mark_deleted(stale)
-                stale = []
-        self.summary.deleted += self.store.mark_deleted(stale)
-
-    def _delete_missing(self) -> None:
-        if self.rows_read == 0:
+    def _delete(self, mark_missing_deleted: bool) -> None:
+        """Tombstone what this run drops, after counting it against the mass-delete guard."""
+        missing = mark_missing_deleted
+        if missing and self.rows_read == 0:
             # An empty file is far likelier a mistake than a request to delete everything.
             log.warning("catalog %s has no rows; not deleting the %d stored items", self.catalog_path, self.store.stats()["live"])
+            missing = False
+        if not missing and not self.model_changed:
             return
-        missing: list[int] = []
-        for live_id in self.store.iter_live_ids():
-            if live_id not in self.seen_ids:
-                missing.append(live_id)
-            if len(missing) >= DELETE_CHUNK:
-                self.summary.deleted += self.store.mark_deleted(missing)
-                missing = []
-        self.summary.deleted += self.store.mark_deleted(missing)
+        count = sum(1 for _ in self._doomed(missing))
+        ownership.check_mass_delete(count, self.store.stats()["live"], store_path=self.store.path,
+                                    catalog_path=self.catalog_path, allowed=self.allow_mass_delete,
+                                    fraction=self.max_delete_fraction)
+        for chunk in _chunked(self._doomed(missing), DELETE_CHUNK):
+            self.summary.deleted += self.store.mark_deleted(chunk)
+
+    def _doomed(self, missing: bool) -> Iterator[int]:
+        """Live ids to tombstone: owned by this catalog (or by no one recorded) and no longer listed
+        (``missing``); and after a model change, vectors of another model (their rows were rejected)."""
+        if self.model_changed:
+            for record in self.store.iter_records():
+                if record.model != self.model or (missing and self._dropped(record)):
+                    yield record.id
+            return
+        unseen = (i for i in self.store.iter_live_ids() if i not in self.seen_ids)
+        for chunk in _chunked(unseen, DELETE_CHUNK):
+            yield from (r.id for r in self.store.get_many(chunk) if r is not None and not r.deleted and self._dropped(r))
+
+    def _dropped(self, record: ItemRecord) -> bool:
+        return record.id not in self.seen_ids and ownership.owner_of(record, self.store.path) in (self.source, None)
 
 
 def _chunked(rows: Iterable, size: int) -> Iterator[list]:

@@ -347,18 +347,18 @@ class CatalogStore:
             txn.put(key, vector.tobytes(), db=self._dbs[b"vectors"])
         return stored
 
-    def mark_deleted(self, ids: Iterable[int]) -> int:
+    def mark_deleted(self, ids: Iterable[int], *, source: str | None = None) -> int:
         """Tombstone items by id (record and vector stay). Returns how many were newly deleted;
-        unknown and already-deleted ids are ignored."""
+        unknown and already-deleted ids are ignored. ``source``: the deleter, recorded as the writer."""
         ids = [int(i) for i in ids]
         now = utc_now()
-        return self._write(lambda txn: sum(self._tombstone_in_txn(txn, i, now) for i in ids))
+        return self._write(lambda txn: sum(self._tombstone_in_txn(txn, i, now, source) for i in ids))
 
-    def _tombstone_in_txn(self, txn, item_id_: int, now: str) -> bool:
+    def _tombstone_in_txn(self, txn, item_id_: int, now: str, source: str | None = None) -> bool:
         record = self._get_in_txn(txn, item_id_)
         if record is None or record.deleted:
             return False
-        stored = dataclasses.replace(record, deleted=True, deleted_at=now, updated_at=now)
+        stored = dataclasses.replace(record, deleted=True, deleted_at=now, updated_at=now, source=source or record.source)
         txn.put(key_of(item_id_), stored.to_json(), db=self._dbs[b"items"])
         txn.put(key_of(item_id_), b"", db=self._dbs[b"deleted"])
         return True

@@ -94,6 +94,8 @@ class ItemRecord:
     updated_at: str | None = None
     deleted_at: str | None = None
     model: str | None = None  # hash of the embedder that made the stored vector (None: unknown)
+    # Who wrote it last: "catalog:<abs path>" or "api" (index.store.ownership); None: written before owners were recorded.
+    source: str | None = None
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
