@@ -244,7 +244,11 @@ def merged_region(a: Region, b: Region) -> Region:
 
 
 def region_dict(region: Region) -> dict:
-    return {"box": [round(v, 1) for v in region.box], "score": round(region.score, 4)}
+    """The box in integer pixels: the smallest pixel box holding the float one (x1, y1 floored,
+    x2, y2 ceiled), so it can be sent back as a request's ``box`` and crops at least that region."""
+    x1, y1, x2, y2 = (float(v) for v in region.box)
+    box = [int(np.floor(x1)), int(np.floor(y1)), int(np.ceil(x2)), int(np.ceil(y2))]
+    return {"box": box, "score": round(float(region.score), 4)}
 
 
 def crop_with_margin(image: Image.Image, box, margin: float) -> Image.Image:

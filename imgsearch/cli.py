@@ -46,48 +46,87 @@ def _add_mass_delete_option(p: argparse.ArgumentParser) -> None:
                    help="let the run delete more than 10%% of the store's live items (refused otherwise)")
 
 
+# Each subcommand's --help ends with these.
+EXAMPLES = {
+    "demo": "imgsearch demo --port 8080        # then open http://127.0.0.1:8080/ and drop a photo",
+    "embed": "imgsearch embed catalog.csv --store store/",
+    "build": "imgsearch build --store store/ --index-root index/\n"
+             "  imgsearch build --vectors x.npy --ids ids.npy --metric ip --index-root index/",
+    "search": "imgsearch search --index-root index/ photo.jpg -k 5\n"
+              "  imgsearch search --index-root index/ --vectors q.npy --output results.jsonl",
+    "serve": "imgsearch serve --index-root index/ --store store/ --port 8080 --workers 2",
+    "dedup": "imgsearch dedup --store store/ --index-root index/ --output groups.jsonl",
+    "rebuild": "imgsearch rebuild catalog.csv --store store/ --index-root index/ --notify http://127.0.0.1:8080",
+    "verify": "imgsearch verify index/",
+    "train": "imgsearch train catalog.csv --output model.pt --epochs 4",
+}
+
+
+def _command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("imgsearch")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        import configparser
+        from pathlib import Path
+
+        cfg = configparser.ConfigParser()
+        cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+        return cfg.get("metadata", "version", fallback="unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgsearch", description="Image similarity search: embed, index, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    parser.add_argument("--version", action="version", version=f"imgsearch {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="real sample images -> index -> server + web page")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--host", default="127.0.0.1")
+    p = _command(sub, "demo", help="real sample images -> index -> server + web page")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--workdir", default="demo-data", help="where the demo catalog, store and index go")
     p.add_argument("--no-serve", action="store_true", help="build everything, then exit instead of serving")
 
-    p = sub.add_parser("embed", help="ingest a catalog: detect, embed, store vectors and metadata")
+    p = _command(sub, "embed", help="ingest a catalog: detect, embed, store vectors and metadata")
     p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
-    p.add_argument("--store", required=True, metavar="STORE")
-    p.add_argument("--model", metavar="CKPT", default=None)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    p.add_argument("--store", required=True, metavar="STORE", help="catalog store folder (created when missing)")
+    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint (default: pretrained MobileNetV2)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images embedded per batch (default 32)")
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None, help="run on a Ray cluster: 'ray' starts a local one, 'ray:ADDRESS' joins a running one")
     _add_mass_delete_option(p)
 
-    p = sub.add_parser("build", help="build an index version from the store or a .npy of vectors")
+    p = _command(sub, "build", help="build an index version from the store or a .npy of vectors")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", metavar="STORE")
-    src.add_argument("--vectors", metavar="X.npy")
-    p.add_argument("--ids", metavar="IDS.npy", default=None)
-    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    src.add_argument("--store", metavar="STORE", help="index this catalog store's vectors")
+    src.add_argument("--vectors", metavar="X.npy", help="index an N x d float32 or uint8 .npy")
+    p.add_argument("--ids", metavar="IDS.npy", default=None, help="int64 ids of the --vectors rows (default 0..N-1)")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; the new one becomes CURRENT")
     _add_build_options(p)
 
-    p = sub.add_parser("search", help="search the live index with images or query vectors")
-    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
-    p.add_argument("--store", metavar="STORE", default=None)
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--vectors", metavar="Q.npy", default=None)
-    p.add_argument("-k", type=positive_int, default=10)
-    p.add_argument("--output", metavar="FILE", default=None)
+    p = _command(sub, "search", help="search the live index with images or query vectors")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; CURRENT's is searched")
+    p.add_argument("--store", metavar="STORE", default=None,
+                   help="store naming the products (default: the store the version was built from)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="query photos")
+    p.add_argument("--vectors", metavar="Q.npy", default=None, help="query vectors: an n x d .npy")
+    p.add_argument("-k", type=positive_int, default=10, help="products per query (default 10)")
+    p.add_argument("--output", metavar="FILE", default=None,
+                   help="write the JSON Lines here (atomically) instead of stdout; with --vectors, a .npz name "
+                        "gets the raw ids and scores arrays")
     p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for IMAGE queries")
 
-    p = sub.add_parser("serve", help="serve the HTTP API and web page")
-    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
-    p.add_argument("--store", required=True, metavar="STORE")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=positive_int, default=1)
+    p = _command(sub, "serve", help="serve the HTTP API and web page")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; CURRENT's is served")
+    p.add_argument("--store", required=True, metavar="STORE", help="catalog store of the products (API writes go here)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for image queries (default: pretrained)")
     p.add_argument("--threads", type=positive_int, default=16, help="request threads per worker (default 16)")
     p.add_argument("--batch-window-ms", type=float, default=0.0,
@@ -112,13 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="environment variable holding the shard Bearer token that a front sends and its shard servers "
                         "require (default IMGSEARCH_SHARD_TOKEN)")
 
-    p = sub.add_parser("dedup", help="find groups of near-duplicate products")
-    p.add_argument("--store", required=True, metavar="STORE")
-    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
+    p = _command(sub, "dedup", help="find groups of near-duplicate products")
+    p.add_argument("--store", required=True, metavar="STORE", help="catalog store whose products are compared")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions built from STORE")
     p.add_argument("--threshold", type=float, default=None,
                    help="similarity (inner product of the embeddings) a pair must reach (default 0.90; with --verify "
                         "the candidate threshold, default 0.60)")
-    p.add_argument("--output", required=True, metavar="GROUPS.jsonl")
+    p.add_argument("--output", required=True, metavar="GROUPS.jsonl", help="groups file to write, one JSON object per group")
     p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
                    help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
     p.add_argument("--target-precision", type=recall_fraction, default=0.95, help="precision --calibrate aims for (default 0.95)")
@@ -127,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rescore", action="store_true", help="skip the exact re-scoring of pairs with stored vectors")
     p.add_argument("--nprobe", type=positive_int, default=None, help="override the index's tuned nprobe")
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="search on GPUs when present (default auto)")
-    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None, help="run on a Ray cluster: 'ray' starts a local one, 'ray:ADDRESS' joins a running one")
     p.add_argument("--verify", action="store_true",
                    help="confirm each candidate pair on the images themselves (aligned, colour-invariant structure)")
     p.add_argument("--verify-threshold", type=float, default=None, metavar="D",
@@ -135,28 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, metavar="DIR",
                    help="folder that relative catalog image paths resolve against, for records stored without one")
 
-    p = sub.add_parser("rebuild", help="cron entry: embed new/changed -> build -> validate -> publish")
-    p.add_argument("catalog", metavar="CATALOG")
-    p.add_argument("--store", required=True, metavar="STORE")
-    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT")
-    p.add_argument("--model", metavar="CKPT", default=None)
+    p = _command(sub, "rebuild", help="cron entry: embed new/changed -> build -> validate -> publish")
+    p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
+    p.add_argument("--store", required=True, metavar="STORE", help="catalog store folder (created when missing)")
+    p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; a validated new one becomes CURRENT")
+    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint (default: pretrained MobileNetV2)")
     p.add_argument("--keep", type=positive_int, default=3, help="index versions kept (the live one always; default 3)")
     p.add_argument("--notify", metavar="URL,...", default=None,
                    help="servers to POST /v1/admin/reload after publishing ($IMGSEARCH_ADMIN_TOKEN)")
     p.add_argument("--target-recall", type=recall_fraction, default=0.95, help="recall@10 the new version must reach (default 0.95)")
     p.add_argument("--factory", default=None, help="faiss factory (default: the live version's hand-picked one, else auto)")
     p.add_argument("--shards", type=positive_int, default=None, help="shards (default: the live version's)")
-    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="build on GPUs when present (default auto)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images embedded per batch (default 32)")
     p.add_argument("--force", action="store_true", help="build even when the store has not changed")
-    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None)
+    p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None, help="run on a Ray cluster: 'ray' starts a local one, 'ray:ADDRESS' joins a running one")
     _add_mass_delete_option(p)
 
-    p = sub.add_parser("verify", help="check every file of an index version against its manifest's checksums")
-    p.add_argument("index_root", metavar="INDEX_ROOT")
+    p = _command(sub, "verify", help="check every file of an index version against its manifest's checksums")
+    p.add_argument("index_root", metavar="INDEX_ROOT", help="folder of index versions")
     p.add_argument("--version", default=None, metavar="V", help="the version to check (default: the one CURRENT names)")
 
-    p = sub.add_parser("train", help="train the detector and embedding network on a catalog")
+    p = _command(sub, "train", help="train the detector and embedding network on a catalog")
     from train.options import add_train_options  # argparse only: keeps --help free of torch
 
     add_train_options(p)

@@ -34,7 +34,7 @@ from serve.app import create_app
 from serve.decode_budget import DEFAULT_DECODE_PIXEL_BUDGET, DecodeBudget
 from serve.demo import prepare_demo
 from serve.readiness import ReadyBoard, worker_hooks
-from serve.server import run_gunicorn
+from serve.server import check_bindable, run_gunicorn
 from serve.service import SearchService
 from serve.shards import fanout_opener, parse_shard_of, shard_opener
 from serve.worker import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S
@@ -153,6 +153,8 @@ def serve_command(args) -> int:
 
 
 def run_demo_command(args) -> int:
+    if not args.no_serve:
+        check_bindable(args.host, args.port)  # before minutes of preparing, not after
     demo = prepare_demo(Path(args.workdir))
     if args.no_serve:
         return 0

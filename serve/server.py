@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 
 from gunicorn.app.base import BaseApplication
 
+from imgsearch.errors import BadInput, JobFailed
 from serve.app import DEFAULT_MAX_BODY_BYTES
 from serve.worker import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, JsonThreadWorker
 
 log = logging.getLogger(__name__)
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Raise one clear error when ``host:port`` cannot be listened on (busy, not ours, no such
+    address), before anything starts: gunicorn itself retries for seconds and logs every try."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise BadInput(f"cannot listen on {where}: the port must be in 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise BadInput(f"cannot listen on {where}: unknown host ({exc})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn does: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = " (another server is there: stop it or pick another --port)" if exc.errno == errno.EADDRINUSE else ""
+            raise JobFailed(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
 
 
 class _GunicornApp(BaseApplication):
@@ -38,6 +60,7 @@ def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: i
     a head must arrive within ``header_timeout`` s of its first byte and a body within
     ``body_timeout`` s of its head (else 408), and gunicorn's refusals are JSON.
     """
+    check_bindable(host, port)
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,

@@ -15,6 +15,7 @@ from imgsearch.errors import BadInput, JobFailed
 from index.ann import integrity, versions
 from index.ann.build import build_version
 from index.ann.factory import parse_bytes
+from index.ann.limits import DISTINCT_WIDEN_FACTOR, distinct_fetch, widen
 from index.ann.search import open_index
 from index.ann.sources import npy_source, store_source
 from index.store import CatalogStore, product_results
@@ -68,67 +69,116 @@ def _load_queries(path: str) -> np.ndarray:
 def _save_npz_atomic(path: str, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_bytes_atomic(path if path.endswith(".npz") else path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def search_command(args) -> int:
+    """``imgsearch search``: one JSON object per query (IMAGE or a row of --vectors), its
+    ``results`` the HTTP API's distinct products, on stdout or, with ``--output``, in that file
+    (``--output R.npz`` with --vectors: the raw ids/scores arrays instead)."""
     if args.images and args.vectors:
         raise BadInput("give IMAGE arguments or --vectors Q.npy, not both")
-    if args.images:
-        return _search_images(args)
-    if not args.vectors:
+    if not args.images and not args.vectors:
         raise BadInput("give IMAGE arguments or --vectors Q.npy")
-    queries = _load_queries(args.vectors)
-    deleted = None
-    store = None
-    if args.store:
-        store = _open_store(args.store)
-        deleted = np.fromiter(store.deleted_ids(), dtype=np.int64) if hasattr(store, "deleted_ids") else None
-    idx = open_index(args.index_root, deleted_ids=deleted)
-    scores, ids = idx.search(queries, args.k)
-    if store is not None and hasattr(store, "close"):
-        store.close()
+    npz = bool(args.output) and args.output.endswith(".npz")
+    if npz and args.images:
+        raise BadInput(f"--output {args.output!r}: an .npz holds --vectors results; give IMAGE queries a .jsonl name")
     if args.output:
-        _save_npz_atomic(args.output, ids=ids.astype(np.int64), scores=scores.astype(np.float32))
-        print(f"wrote {ids.shape[0]} x {ids.shape[1]} results from version {idx.version} to {args.output}")
-    else:
-        for row_ids, row_scores in zip(ids, scores):
-            keep = row_ids >= 0
-            print(json.dumps({"ids": row_ids[keep].tolist(), "scores": row_scores[keep].tolist()}))
-        sys.stdout.flush()
+        folder = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(folder):
+            raise BadInput(f"--output {args.output!r}: folder {folder!r} does not exist")
+    queries = _load_queries(args.vectors) if args.vectors else None
+    idx = open_index(args.index_root)
+    store = _known_store(args, idx, announce=not npz)
+    try:
+        if store is not None:
+            idx.delete(np.fromiter(store.deleted_ids(), dtype=np.int64))  # in memory only: the version is read-only
+        if npz:
+            scores, ids = idx.search(queries, args.k)
+            _save_npz_atomic(args.output, ids=ids.astype(np.int64), scores=scores.astype(np.float32))
+            print(f"wrote {ids.shape[0]} x {ids.shape[1]} results from version {idx.version} to {args.output}")
+            return 0
+        answers = _vector_answers(idx, store, queries, args.k) if queries is not None else _image_answers(args, idx, store)
+        if args.output:
+            lines = [json.dumps(answer) + "\n" for answer in answers]
+            write_bytes_atomic(args.output, "".join(lines).encode("utf-8"))
+            print(f"wrote results of {len(lines)} queries from version {idx.version} to {args.output}")
+        else:
+            for answer in answers:
+                print(json.dumps(answer), flush=True)
+    finally:
+        if store is not None:
+            store.close()
     return 0
 
 
-def _search_images(args) -> int:
-    """One JSON object per query image, shaped like the HTTP response: the same detect -> crop ->
+def _known_store(args, idx, *, announce: bool):
+    """The store that names the products: ``--store``, else the one the version was built from
+    (its manifest's ``store.path``). None, said in one stderr line, when neither is there."""
+    if args.store:
+        return _open_store(args.store)
+    recorded = (idx.manifest.get("store") or {}).get("path")
+    if recorded and os.path.isdir(recorded):
+        return CatalogStore.open_readonly(recorded)
+    if announce:
+        why = (f"the store version {idx.version} was built from, {recorded!r}, is gone" if recorded
+               else f"version {idx.version} was built from {idx.manifest.get('build_config', {}).get('source')!r}, not a store")
+        print(f"imgsearch search: note: no --store and {why}: results name index ids, not products", file=sys.stderr)
+    return None
+
+
+def _vector_answers(idx, store, queries: np.ndarray, k: int) -> list[dict]:
+    if store is None or idx.ntotal == 0:
+        scores, ids = idx.search(queries, k)
+        return [{"query": n, "index_version": idx.version, "results": _join(store, scores[n], ids[n], k)}
+                for n in range(len(queries))]
+    fetch, limit = distinct_fetch(k, idx.ntotal)
+    scores, ids = idx.search(queries, fetch)
+    return [{"query": n, "index_version": idx.version,
+             "results": _distinct_products(idx, store, queries[n], scores[n], ids[n], fetch, limit, k)}
+            for n in range(len(queries))]
+
+
+def _distinct_products(idx, store, vector, scores, ids, fetch: int, limit: int, k: int) -> list[dict]:
+    """Top k distinct products of one query, as the server's: several images of one product
+    collapse to one result, so a short answer searches that query again, deeper."""
+    while True:
+        results = product_results(store, scores, ids, k)
+        if len(results) >= k or fetch >= limit:
+            return results
+        fetch = widen(fetch, limit, DISTINCT_WIDEN_FACTOR)
+        s, i = idx.search(vector.reshape(1, -1), fetch)
+        scores, ids = s[0], i[0]
+
+
+def _image_answers(args, idx, store):
+    """One answer per query image, shaped like the HTTP response: the same detect -> crop ->
     embed path as the server, results of the region that matches best, every detection listed."""
     import time
 
     from embed.pipeline import best_cosines, load_pipeline
 
     pipeline = load_pipeline(getattr(args, "model", None))
-    store = _open_store(args.store) if args.store else None
-    deleted = np.fromiter(store.deleted_ids(), dtype=np.int64) if store is not None else None
-    idx = open_index(args.index_root, deleted_ids=deleted)
     indexed_model = idx.manifest.get("model")
     if indexed_model and indexed_model != pipeline.model_hash:
         log.warning("version %s was embedded by model %s but queries use %s: scores are not comparable",
                     idx.version, str(indexed_model)[:12], pipeline.model_hash[:12])
+    fetch, limit = distinct_fetch(args.k, idx.ntotal) if store is not None else (args.k, args.k)
     for image in args.images:
         t0 = time.perf_counter()
         (query,) = pipeline.embed_queries([image])
         if query.vectors.shape[-1] != idx.dim:
             raise BadInput(f"the model makes {query.vectors.shape[-1]}-d vectors, version {idx.version} holds {idx.dim}-d")
-        # Several images may share a product: fetch extra, keep each product's best image.
-        scores, ids = idx.search(query.vectors.astype(np.float32), min(4 * args.k, 10_000))
-        chosen = query.choose(best_cosines(scores, ids, higher_is_better=idx.manifest.get("metric") == "ip"))
-        results = _join(store, scores[chosen], ids[chosen], args.k)
-        print(json.dumps({"query": image, "index_version": idx.version,
-                          "took_ms": round(1000 * (time.perf_counter() - t0), 3),
-                          "detections": query.detections(), "region": query.region(chosen), "results": results}))
-    if store is not None and hasattr(store, "close"):
-        store.close()
-    return 0
+        vectors = query.vectors.astype(np.float32)
+        if limit == 0:
+            chosen, results = 0, []
+        else:
+            scores, ids = idx.search(vectors, fetch)
+            chosen = query.choose(best_cosines(scores, ids, higher_is_better=idx.manifest.get("metric") == "ip"))
+            results = (_distinct_products(idx, store, vectors[chosen], scores[chosen], ids[chosen], fetch, limit, args.k)
+                       if store is not None else _join(None, scores[chosen], ids[chosen], args.k))
+        yield {"query": image, "index_version": idx.version, "took_ms": round(1000 * (time.perf_counter() - t0), 3),
+               "detections": query.detections(), "region": query.region(chosen), "results": results}
 
 
 def _join(store, scores, ids, k: int) -> list[dict]:
