@@ -8,12 +8,11 @@ import os
 import time
 
 from flask import Flask, Response, g, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.accesslog import log_request
 from serve.admin import DEFAULT_TOKEN_ENV, register_admin_routes
 from serve.errors import ApiError, register_error_handlers
-from serve.metrics import ServerMetrics
+from serve.metrics import ServerMetrics, exposition
 from serve.requests import buffer_body, parse_search_request
 from serve.shards import register_shard_routes
 
@@ -51,7 +50,7 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     def _observe(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
         seconds = time.perf_counter() - g.get("start", time.perf_counter())
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.requests.labels(endpoint, request.method, str(response.status_code)).inc()
         metrics.request_seconds.labels(endpoint).observe(seconds)
         live = service.live()
         log_request(request, response, endpoint, seconds, live.version if live is not None else None)
@@ -75,7 +74,8 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
 
     @app.get("/metrics")
     def prometheus_metrics():
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        body, content_type = exposition(metrics)
+        return Response(body, headers={"Content-Type": content_type})  # as is: one charset
 
     @app.post("/v1/search")
     def search():

@@ -21,6 +21,7 @@ so the others follow within the interval.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ from serve.accesslog import configure_access_log
 from serve.app import create_app
 from serve.decode_budget import DEFAULT_DECODE_PIXEL_BUDGET, DecodeBudget
 from serve.demo import prepare_demo
+from serve.metrics import enable_multiprocess, remove_multiprocess_dir, worker_exited
 from serve.readiness import ReadyBoard, worker_hooks
 from serve.server import check_bindable, run_gunicorn
 from serve.service import SearchService
@@ -116,6 +118,22 @@ def _shard_token(args, option: str) -> str:
     return token
 
 
+def _with_summed_metrics(hooks: dict) -> dict:
+    """Metrics summed over the workers (:func:`serve.metrics.enable_multiprocess`): the directory
+    is made now, before the fork, and removed when the master exits if it was made here."""
+    directory, made = enable_multiprocess()
+    if made:
+        master = os.getpid()  # forked workers inherit atexit handlers: only the master removes it
+        atexit.register(lambda: os.getpid() == master and remove_multiprocess_dir(directory))
+    readiness_child_exit = hooks["child_exit"]
+
+    def child_exit(server, worker) -> None:
+        readiness_child_exit(server, worker)
+        worker_exited(worker.pid)
+
+    return {**hooks, "child_exit": child_exit}
+
+
 def serve_command(args) -> int:
     service_options, app_options, load_embedder = _role(args)
     holder = service_options.pop("_holder", None)
@@ -126,6 +144,7 @@ def serve_command(args) -> int:
     if args.workers > 1:
         hooks = worker_hooks(ReadyBoard(args.workers), lambda: worker["service"].live() is not None,
                              lambda: worker["service"].load_current())
+        hooks = _with_summed_metrics(hooks)
 
     decode_pixels = getattr(args, "decode_pixel_budget", None) or DEFAULT_DECODE_PIXEL_BUDGET
 

@@ -189,7 +189,7 @@ def test_products_and_their_images(client):
 def test_metrics_count_requests_and_stage_latencies(client, stored_vector):
     client.post("/v1/search", json={"vector": stored_vector("prod-02")})
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'imgsearch_requests_total{endpoint="/v1/search",status="200"}' in text
+    assert 'imgsearch_requests_total{code="200",endpoint="/v1/search",method="POST"}' in text
     assert 'imgsearch_stage_seconds_count{stage="search"}' in text
     assert "imgsearch_index_ntotal 60.0" in text
 
