@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from imgsearch.argtypes import positive_float, positive_int, recall_fraction
 from imgsearch.errors import ImgsearchError, NotImplementedYet
+from imgsearch.logs import FORMATS, configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_ARGS = 0, 1, 2
 
@@ -83,7 +83,11 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgsearch", description="Image similarity search: embed, index, serve.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug lines")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug lines, and the INFO lines of libraries (faiss, gunicorn)")
+    parser.add_argument("--log-format", choices=FORMATS, default="auto",
+                        help="log lines as text or as JSON objects, one per line (default auto: text on a terminal, "
+                             "else json)")
     parser.add_argument("--version", action="version", version=f"imgsearch {_version()}", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -155,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, metavar="STORE", help="catalog store whose products are compared")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions built from STORE")
     p.add_argument("--threshold", type=float, default=None,
-                   help="similarity (inner product of the embeddings) a pair must reach (default 0.90; with --verify "
-                        "the candidate threshold, default 0.60)")
+                   help="similarity (inner product of the embeddings) a pair must reach (default: calibrated on planted "
+                        "copies of the store's own images for --target-precision, else 0.90 when no image file is "
+                        "reachable; with --verify the candidate threshold, default 0.60)")
+    p.add_argument("--model", metavar="CKPT", default=None,
+                   help="the store's embedding checkpoint, for calibrating the default threshold (default: pretrained MobileNetV2)")
     p.add_argument("--output", required=True, metavar="GROUPS.jsonl", help="groups file to write, one JSON object per group")
     p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
                    help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
-    p.add_argument("--target-precision", type=recall_fraction, default=0.95, help="precision --calibrate aims for (default 0.95)")
+    p.add_argument("--target-precision", type=recall_fraction, default=0.95, help="precision --calibrate and the default calibration aim for (default 0.95)")
     p.add_argument("-k", type=positive_int, default=10, help="neighbours searched per stored vector (default 10)")
     p.add_argument("--block-size", type=positive_int, default=4096, help="query vectors per block (default 4096)")
     p.add_argument("--no-rescore", action="store_true", help="skip the exact re-scoring of pairs with stored vectors")
@@ -219,11 +226,7 @@ def _os_error_text(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_format, args.verbose)
     try:
         return int(_resolve(args.command)(args) or EXIT_OK)
     except ImgsearchError as exc:

@@ -1,29 +1,30 @@
-"""Structured access logs: one JSON object per request on the ``imgsearch.access`` logger.
+"""Access logs: one line per request on the ``imgsearch.access`` logger, on stdout, in the one
+log format of :mod:`imgsearch.logs`. As JSON:
 
-    {"ts": "2026-01-01T12:00:00.123Z", "remote": "127.0.0.1", "method": "POST", "path": "/v1/search",
+    {"ts": "2026-01-01T12:00:00.123Z", "level": "INFO", "logger": "imgsearch.access",
+     "message": "127.0.0.1 POST /v1/search 200 1.93 ms", "remote": "127.0.0.1", "method": "POST", "path": "/v1/search",
      "endpoint": "/v1/search", "status": 200, "ms": 1.93, "in_bytes": 812, "out_bytes": 1290,
      "index_version": "v1", "error": null}
 
-``configure_access_log()`` sends them to stdout as bare JSON lines (no prefix), apart from the
-plain-text operational log on stderr.
+As text (a terminal): ``... INFO imgsearch.access: 127.0.0.1 POST /v1/search 200 1.93 ms``.
+A record's ``getMessage()`` is the access fields as one JSON object, for in-process readers.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from imgsearch.clock import utc_now
+from imgsearch.logs import stream_handler
 
 access_log = logging.getLogger("imgsearch.access")
 
 
 def configure_access_log(stream=None) -> None:
-    if any(getattr(h, "_imgsearch_access", False) for h in access_log.handlers):
-        return
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    for handler in [h for h in access_log.handlers if getattr(h, "_imgsearch_access", False)]:
+        access_log.removeHandler(handler)  # again: the log format may have changed since
+    handler = stream_handler(stream, name="stdout")
     handler._imgsearch_access = True
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO)
@@ -50,4 +51,8 @@ def log_request(request, response, endpoint: str, seconds: float, index_version:
         "index_version": index_version,
         "error": error,
     }
-    access_log.info(json.dumps(entry, separators=(",", ":")))
+    path = json.dumps(entry["path"])[1:-1]  # escaped: a %0A in the URL must not start a forged text line
+    summary = f"{entry['remote']} {entry['method']} {path} {entry['status']} {entry['ms']} ms"
+    if error:
+        summary += f" {error}"
+    access_log.info("%s", json.dumps(entry, separators=(",", ":")), extra={"fields": entry, "summary": summary})

@@ -13,6 +13,7 @@ from serve.accesslog import log_request
 from serve.admin import DEFAULT_TOKEN_ENV, register_admin_routes
 from serve.errors import ApiError, register_error_handlers
 from serve.metrics import ServerMetrics, exposition
+from serve.openapi import openapi_document
 from serve.requests import buffer_body, parse_search_request
 from serve.shards import register_shard_routes
 
@@ -103,6 +104,14 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     @app.get("/v1/products/<path:product_id>")
     def product(product_id: str):
         return jsonify(service.product(product_id))
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document(app, admin_token_env=admin_token_env, shard_token_env=shard_token_env))
+
+    @app.get("/docs")
+    def docs():
+        return app.send_static_file("docs.html")
 
     register_admin_routes(app, service, token=token, token_env=admin_token_env, reload_hook=reload_hook)
     if shard_token_env is not None:

@@ -38,6 +38,8 @@ from serve.store_writer import run_writer
 PRODUCT_FIELDS = frozenset({"product_id", "image_base64", "category", "metadata"})
 MAX_PRODUCT_ID = 1024
 MAX_METADATA_BYTES = 64 * 1024
+# Control characters a product_id must not hold: C0 (below 0x20) and DEL + C1 (0x7F..0x9F), [lo, hi).
+CONTROL_CHARACTERS = ((0x00, 0x20), (0x7F, 0xA0))
 UPLOADS = UPLOADS_DIR
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 
@@ -47,7 +49,7 @@ def parse_product_id(raw) -> str:
         raise ApiError(400, "bad_product_id", f"product_id must be a string, got {shown(raw)}")
     if not raw.strip() or len(raw) > MAX_PRODUCT_ID:
         raise ApiError(400, "bad_product_id", f"product_id must be 1..{MAX_PRODUCT_ID} characters and not blank, got {shown(raw)}")
-    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in raw):
+    if any(lo <= ord(c) < hi for c in raw for lo, hi in CONTROL_CHARACTERS):
         raise ApiError(400, "bad_product_id", f"product_id must not contain control characters, got {shown(raw)}")
     check_text(raw, "product_id", "bad_product_id")
     return raw

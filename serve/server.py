@@ -7,7 +7,9 @@ import logging
 import socket
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
 
+from imgsearch import logs
 from imgsearch.errors import BadInput, JobFailed
 from serve.app import DEFAULT_MAX_BODY_BYTES
 from serve.worker import DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S, JsonThreadWorker
@@ -32,6 +34,17 @@ def check_bindable(host: str, port: int) -> None:
         except OSError as exc:
             hint = " (another server is there: stop it or pick another --port)" if exc.errno == errno.EADDRINUSE else ""
             raise JobFailed(f"cannot listen on {where}: {exc.strerror or exc}{hint}") from None
+
+
+class SharedFormatLogger(GunicornLogger):
+    """Gunicorn's error log through the root handlers (:mod:`imgsearch.logs`): the same format as
+    every other line, its start-up chatter at WARNING unless ``-v``. Gunicorn runs ``setup`` again
+    on a config reload, which re-adds its own handler: adopt again each time."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        logs.adopt(self.error_log)
+        logs.adopt(self.access_log)
 
 
 class _GunicornApp(BaseApplication):
@@ -72,7 +85,8 @@ def run_gunicorn(app_factory, host: str, port: int, workers: int = 1, threads: i
         "graceful_timeout": 10,
         "accesslog": None,  # the app writes its own structured access lines
         "errorlog": "-",
-        "loglevel": "info",
+        "loglevel": "info",  # SharedFormatLogger then defers to imgsearch.logs (WARNING unless -v)
+        "logger_class": SharedFormatLogger,
         **(hooks or {}),
     }
     log.info("serving on http://%s:%d (%d workers x %d threads)", host, port, workers, threads)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from index.ann.limits import MAX_K
 from tests.test_serve_shards import ServerProcess, http
 
 TOKEN = "live-test-token"
@@ -169,19 +170,17 @@ def test_live_updates_are_seen_by_every_worker_and_reload_switches_all(server, d
     assert seen == {"v-next"}
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
-                    reason=f"needs Debian chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): "
-                           "apt-get install -y chromium chromium-driver")
-def test_web_page_in_headless_chromium_shows_the_right_product(server, demo, tmp_path):
-    selenium = pytest.importorskip("selenium", reason="needs the selenium package: pip install selenium")
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists(),
+    reason=f"needs Debian chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install -y chromium chromium-driver")
+
+
+def _chromium(tmp_path):
+    """A headless Chromium (selenium) with no network but loopback."""
+    pytest.importorskip("selenium", reason="needs the selenium package: pip install selenium")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    assert selenium
-    q = _queries(demo)[0]
-    photo_path = Path(demo.queries_dir).parent / q["image"]
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -189,8 +188,19 @@ def test_web_page_in_headless_chromium_shows_the_right_product(server, demo, tmp
                  "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+@needs_chromium
+def test_web_page_in_headless_chromium_shows_the_right_product(server, demo, tmp_path):
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    q = _queries(demo)[0]
+    photo_path = Path(demo.queries_dir).parent / q["image"]
     try:
-        driver.set_page_load_timeout(60)
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 90)
         wait.until(lambda d: "vectors" in d.find_element(By.ID, "ready").text)
@@ -207,5 +217,54 @@ def test_web_page_in_headless_chromium_shows_the_right_product(server, demo, tmp
         assert "/v1/products/" in img.get_attribute("src")
         assert driver.find_elements(By.CSS_SELECTOR, "#boxes rect[stroke='#12b76a']"), "the answering region is drawn"
         assert "products in" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
+
+@needs_chromium
+def test_web_page_shows_only_the_message_for_a_file_that_is_no_image(server, tmp_path):
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "holiday.jpg"
+    bad.write_bytes(b"these bytes are not a photo\n" * 40)
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: "vectors" in d.find_element(By.ID, "ready").text)
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+        body, content_type = multipart({"k": "12"}, {"image": (bad.name, bad.read_bytes())})
+        code, answer = raw(server, "POST", "/v1/search", body, content_type)
+        assert code == 422
+        assert driver.find_element(By.ID, "status").text == answer["error"]["message"]  # the server's message, as is
+        assert not driver.find_element(By.ID, "preview").is_displayed(), "no preview (broken image) above the message"
+        broken = driver.execute_script(
+            "return [...document.images].filter(i => i.offsetParent !== null && i.getAttribute('src')"
+            " && (!i.complete || i.naturalWidth === 0)).length")
+        assert broken == 0
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results img")
+    finally:
+        driver.quit()
+
+
+@needs_chromium
+def test_docs_page_renders_the_openapi_document(server, tmp_path):
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        driver.get(server.url + "/docs")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "article.op[data-path='/v1/search'][data-method='post']"))
+        search = driver.find_element(By.CSS_SELECTOR, "article.op[data-path='/v1/search'][data-method='post']")
+        assert "multipart/form-data" in search.text and "application/json" in search.text
+        assert f"maximum: {MAX_K}" in search.text  # k's limit, from the document
+        paths = {e.get_attribute("data-path") for e in driver.find_elements(By.CSS_SELECTOR, "article.op[data-path]")}
+        assert {"/v1/products", "/v1/admin/reload", "/readyz", "/openapi.json"} <= paths
+        assert driver.find_element(By.ID, "schema-Error").is_displayed()
+        assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()

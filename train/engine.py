@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from embed.checkpoint import Checkpoint
 from embed.detector import MOBILENET_V2_STRIDE16_SPLIT, DetectorConfig, ProductDetector
@@ -29,6 +28,7 @@ from embed.pipeline import make_checkpoint
 from embed.preprocess import Preprocessor
 from embed.torchvision_compat import torchvision
 from imgsearch.errors import BadInput
+from imgsearch.progress import Progress
 from train.evaluate import cosine_recall
 from train.frozen import FrozenPrefix, freeze, prefetched
 from train.losses import LOSSES, make_loss
@@ -112,8 +112,9 @@ def cosine_lr(base: float, epoch: int, total: int) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    return tqdm(total=total, desc=desc, unit="step", disable=None if enabled is None else not enabled, leave=True)
+def _progress(total: int | None, desc: str, unit: str, enabled: bool | None) -> Progress:
+    # None is "auto": a bar on a terminal and timed plain lines otherwise, like True; only False is silent.
+    return Progress(total, desc, unit, enabled=enabled is not False)
 
 
 def _nhwc(cached: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,7 @@ class EmbedderStage:
     def cache(self, labelled_images, total: int | None = None, progress: bool | None = None, batch: int = 32) -> ViewCache:
         """(label, PIL image) pairs -> a :class:`ViewCache`; images are dropped once their maps are made."""
         maps, labels, pending = [], [], []
-        bar = tqdm(total=total, desc="cache views", unit="img", disable=None if progress is None else not progress)
+        bar = _progress(total, "cache views", "images", progress)
 
         def flush():
             maps.append(self._prefix(self.preprocess([im for _, im in pending])))
@@ -306,7 +307,7 @@ class DetectorStage:
     def cache(self, scenes, total: int | None = None, progress: bool | None = None, batch: int = 16) -> SceneCache:
         """(PIL scene, boxes) pairs -> frozen maps of the SSD-transformed (resized, normalised) scenes + targets."""
         inputs, frozen32, targets, pending = [], [], [], []
-        bar = tqdm(total=total, desc="cache scenes", unit="img", disable=None if progress is None else not progress)
+        bar = _progress(total, "cache scenes", "images", progress)
         self.ssd.eval()
 
         def flush():
@@ -455,7 +456,7 @@ class TrainingRun:
             embed_steps = len(self.embedder_stage.sampler(views))
             det_steps = self.detector_stage.steps_per_epoch(scenes) if (self.detector_stage and scenes) else 0
             started = time.perf_counter()
-            with _progress(embed_steps + det_steps, f"epoch {epoch + 1}/{self.config.epochs}", progress) as bar:
+            with _progress(embed_steps + det_steps, f"epoch {epoch + 1}/{self.config.epochs}", "steps", progress) as bar:
                 metrics = {"epoch": epoch + 1, "embed_loss": self.embedder_stage.train_epoch(views, epoch, bar)}
                 if det_steps:
                     metrics["detector_loss"] = self.detector_stage.train_epoch(scenes, epoch, bar)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from embed.image_io import load_rgb
 from imgsearch.errors import BadInput
+from imgsearch.progress import Progress
 from imgsearch.sample_data import dev_queries, load_fashion_mnist, read_queries
 from train.training_data import read_catalog
 
@@ -209,8 +210,6 @@ def evaluate_pipeline(pipeline, data: RetrievalSet, catalog_mode: str = "whole",
     ``catalog_mode``: ``whole`` embeds each clean catalog shot as is; ``detect``
     sends it through the same detect -> crop path as the queries.
     """
-    from tqdm import tqdm
-
     if catalog_mode not in ("whole", "detect"):
         raise BadInput(f"catalog_mode must be 'whole' or 'detect', got {catalog_mode!r}")
     if catalog_mode == "whole":
@@ -218,11 +217,14 @@ def evaluate_pipeline(pipeline, data: RetrievalSet, catalog_mode: str = "whole",
     else:
         catalog = pipeline.embed_catalog(data.catalog_images)
     vectors, predictions = [], []
-    bar = tqdm(range(0, len(data.query_images), batch), desc="eval queries", disable=None if progress is None else not progress)
-    for start in bar:
-        queries, p = query_pass(pipeline, data.query_images[start : start + batch])
-        vectors.append(answering_vectors(queries, catalog))
-        predictions += p or []
+    # None is "auto": a bar on a terminal and timed plain lines otherwise; only False is silent.
+    with Progress(len(data.query_images), "eval queries", "queries", enabled=progress is not False) as bar:
+        for start in range(0, len(data.query_images), batch):
+            chunk = data.query_images[start : start + batch]
+            queries, p = query_pass(pipeline, chunk)
+            vectors.append(answering_vectors(queries, catalog))
+            predictions += p or []
+            bar.update(len(chunk))
     recall = cosine_recall(np.concatenate(vectors), data.query_products, catalog, data.catalog_products, ks)
     metrics = {f"recall@{k}": v for k, v in recall.items()}
     if pipeline.detector is not None:

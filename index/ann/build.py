@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import faiss
 import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
+from imgsearch.progress import Progress
 from index.ann import factory as factory_mod
 from index.ann import gpu as gpu_mod
 from index.ann import integrity, versions
@@ -31,38 +31,6 @@ log = logging.getLogger(__name__)
 
 TRAINED = "trained.faiss"
 FORMAT = 1
-
-
-# -- progress ------------------------------------------------------------------------------
-class Progress:
-    """tqdm bar with ETA on a terminal; plain log lines (every ~10 s) otherwise."""
-
-    def __init__(self, total: int, desc: str, interval: float = 10.0):
-        self.total, self.desc, self.done = max(int(total), 1), desc, 0
-        self.t0 = self.last = time.monotonic()
-        self.interval = interval
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, desc=desc, unit="vec", unit_scale=True, file=sys.stderr)
-
-    def update(self, n: int) -> None:
-        self.done += int(n)
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.interval or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d (%.0f%%), %.0f vec/s, ETA %.0fs", self.desc, self.done, self.total,
-                     100.0 * self.done / self.total, rate, eta)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # -- sharding and sampling -----------------------------------------------------------------
@@ -131,7 +99,7 @@ def build_shard(trained_path: str, block_iter: Callable | Iterable[Block], shard
     prefix = os.path.join(out_dir, shard_prefix(shard_no, n_shards))
     index = faiss.read_index(trained_path)
     rows = 0
-    bar = Progress(total or 0, f"shard {shard_no + 1}/{n_shards}") if total else None
+    bar = Progress(total, f"build shard {shard_no + 1}/{n_shards}", "vectors") if total else None
     with open(prefix + ".ids.i64", "wb") as f_ids, \
             (open(prefix + ".rerank.f16", "wb") if rerank else _Null()) as f_vec:
         for ids, x in _blocks(block_iter):

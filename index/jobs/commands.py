@@ -15,7 +15,7 @@ from embed.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
 from imgsearch.atomic import check_dir_creatable
 from imgsearch.errors import BadInput
 from index.ann import versions
-from index.jobs import dedup
+from index.jobs import dedup, dedup_calibration
 from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
 from index.jobs.rebuild import RebuildConfig, run_rebuild
 from index.store import CatalogStore
@@ -83,6 +83,9 @@ def dedup_command(args) -> int:
                 cfg.verify = dataclasses.replace(cfg.verify, max_disagreement=calibration["verify_threshold"])
         elif args.threshold is not None:
             cfg.threshold = args.threshold
+        elif cfg.verify is None:
+            calibration = _calibrate_on_planted_copies(store, args, cfg)
+            cfg.threshold = calibration["threshold"]
         if address is not None:
             store.close()
             store = None
@@ -98,9 +101,33 @@ def dedup_command(args) -> int:
             store.close()
     dedup.write_groups(result.groups, args.output)
     job = dedup.write_job_config(args.output, cfg, result, calibration, index_root=args.index_root, store=args.store)
-    print(f"imgsearch dedup: {result.line()}; wrote {args.output} (settings: {job})")
+    how = f"{dedup_calibration.describe(calibration)}; " if calibration and "method" in calibration else ""
+    print(f"imgsearch dedup: {how}{result.line()}; wrote {args.output} (settings: {job})")
     sys.stdout.flush()
     return 0
+
+
+def _calibrate_on_planted_copies(store, args, cfg) -> dict:
+    """No --threshold: measure one on planted copies of the store's images, embedded with the store's model."""
+    dc = dedup_calibration
+    if not dc.reachable_sample(store, 1, 0, cfg.image_root):
+        calibration = dc.fallback("no image file of the store's records is reachable")
+    else:
+        from embed.pipeline import load_pipeline
+
+        pipeline = load_pipeline(getattr(args, "model", None))
+        if store.model is not None and store.model != pipeline.model_hash:
+            calibration = dc.fallback(f"the store was embedded with model {store.model[:16]}, not "
+                                      f"{pipeline.model_hash[:16]}; give --model CKPT or --threshold")
+        else:
+            calibration = dc.calibrate_planted(store, pipeline.embed_catalog, args.target_precision,
+                                               image_root=cfg.image_root)
+    if calibration["method"] != dc.METHOD:
+        print(f"imgsearch dedup: {dc.describe(calibration)}", file=sys.stderr)
+    elif not calibration["reached"]:
+        log.warning("target precision %.3f not reached on planted copies; using the best threshold %.4f",
+                    args.target_precision, calibration["threshold"])
+    return calibration
 
 
 def embed_distributed(args) -> int:
@@ -127,7 +154,7 @@ def embed_command(args) -> int:
     log.info("embedding with model %s (runtime %s, detector %s)", pipeline.model_hash[:16], pipeline.embedder.runtime,
              pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
     with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
-        summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=sys.stderr.isatty(),
+        summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=True,
                                  model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False))
     print(f"imgsearch embed: {summary.line()}")
     return 0

@@ -44,7 +44,7 @@ from embed.verify import ProductVerifier, candidate_threshold, choose_verify_thr
 from imgsearch.atomic import write_bytes_atomic
 from imgsearch.calibration import precision_cut
 from imgsearch.errors import BadInput
-from index.ann.build import Progress
+from imgsearch.progress import Progress
 from index.ann.search import open_index
 from index.ann.versions import write_json_atomic
 from index.jobs.unionfind import UnionFind
@@ -57,7 +57,6 @@ DEFAULT_BLOCK = 4096
 DEFAULT_MARGIN = 0.02
 SCORE_DECIMALS = 6
 KEY_MASK = (1 << 63) - 1
-VERIFY_LOG_SECONDS = 10.0
 
 
 def product_key(product_id: str) -> int:
@@ -106,6 +105,11 @@ def similarity(scores: np.ndarray, metric: str) -> np.ndarray:
     return scores if metric == "ip" else 1.0 - scores / 2.0
 
 
+def clip_similarity(s):
+    """Cosines of unit vectors stored in float16 can round past 1 (1.000019); a cosine is in [-1, 1]."""
+    return np.clip(s, -1.0, 1.0).astype(np.float32)
+
+
 class DedupWorker:
     """Searches query blocks and returns product pairs. Holds an opened index and store."""
 
@@ -132,6 +136,7 @@ class DedupWorker:
                 s = (1.0 - ((x[rows] - vb) ** 2).sum(axis=1) / 2.0).astype(np.float32)
             keep = s >= cfg.threshold
             qa, qb, s = qa[keep], qb[keep], s[keep]
+        s = clip_similarity(s)
         if not qa.size:
             return PairBatch(*_empty_pairs(), {}, len(ids))
         uniq = np.unique(np.concatenate([qa, qb]))
@@ -198,7 +203,7 @@ def group_pairs(pairs: Iterable[tuple[str, str, float]]) -> list[dict]:
     for a, b, s in pairs:
         if b < a:
             a, b = b, a
-        by_root.setdefault(uf.find(product_key(a)), []).append((a, b, round(float(s), SCORE_DECIMALS)))
+        by_root.setdefault(uf.find(product_key(a)), []).append((a, b, round(float(clip_similarity(s)), SCORE_DECIMALS)))
     out = []
     for members in by_root.values():
         products = sorted({p for pair in members for p in pair[:2]})
@@ -256,13 +261,10 @@ def run_dedup(store, index_root: str, cfg: DedupConfig, *, progress: bool = True
         idx = open_index(index_root, gpu=cfg.gpu, deleted_ids=deleted)
     worker = DedupWorker(idx, store, cfg)
     collector = PairCollector()
-    bar = Progress(count_live_vectors(store), "dedup") if progress else None
-    for ids, x in store.iter_blocks(cfg.block_size):
-        collector.add(worker.process(ids, x))
-        if bar:
+    with Progress(count_live_vectors(store), "dedup", "vectors", enabled=progress) as bar:
+        for ids, x in store.iter_blocks(cfg.block_size):
+            collector.add(worker.process(ids, x))
             bar.update(len(ids))
-    if bar:
-        bar.close()
     result = DedupResult(collector.groups(), len(collector.best), collector.queries, time.monotonic() - t0, idx.version,
                          cfg.threshold)
     if cfg.verify is not None:
@@ -273,18 +275,17 @@ def run_dedup(store, index_root: str, cfg: DedupConfig, *, progress: bool = True
 def verify_result(result: DedupResult, store, cfg: DedupConfig, *, progress: bool = False) -> DedupResult:
     """Keep only the candidate pairs of ``result`` that verification confirms on the images, and
     regroup them. Candidates are taken in sorted order (image caches stay warm)."""
-    t0 = last = time.monotonic()
+    t0 = time.monotonic()
     candidates = pairs_of_groups(result.groups)
     verifier = ProductVerifier(store, cfg.verify, cfg.image_root)
     kept = []
-    for i, (a, b, score) in enumerate(candidates, start=1):
-        m = verifier.match(a, b)
-        if m is not None and m.accepted(verifier.cfg):
-            kept.append((a, b, score))
-        if progress and (time.monotonic() - last >= VERIFY_LOG_SECONDS or i == len(candidates)):
-            last = time.monotonic()
-            log.info("verify: %d/%d candidate pairs, %d verified, %.1f pairs/s", i, len(candidates), len(kept),
-                     i / max(last - t0, 1e-9))
+    with Progress(len(candidates), "verify", "pairs", enabled=progress) as bar:
+        for a, b, score in candidates:
+            m = verifier.match(a, b)
+            if m is not None and m.accepted(verifier.cfg):
+                kept.append((a, b, score))
+            bar.set_postfix(verified=len(kept))
+            bar.update(1)
     stats = verifier.stats()
     stats.update(max_disagreement=verifier.cfg.max_disagreement, seconds=round(time.monotonic() - t0, 3))
     if stats["unverifiable_pairs"]:

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -327,7 +326,7 @@ def _ingest(cfg: RebuildConfig, embedder, stage: StageCallback):
                                   batch_size=cfg.batch_size, model_spec=cfg.model_spec,
                                   allow_mass_delete=cfg.allow_mass_delete)
     with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
-        return ingest_catalog(cfg.catalog, store, embedder.embed_catalog, cfg.batch_size, progress=sys.stderr.isatty(),
+        return ingest_catalog(cfg.catalog, store, embedder.embed_catalog, cfg.batch_size, progress=True,
                               model=embedder.model_hash, allow_mass_delete=cfg.allow_mass_delete)
 
 

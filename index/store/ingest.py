@@ -6,11 +6,11 @@ re-running after a crash (or on an unchanged catalog) only does what is left.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,16 +21,15 @@ from PIL import Image
 
 from embed.image_io import DEFAULT_MAX_PIXELS, decode_image
 from imgsearch.errors import BadInput, JobFailed
+from imgsearch.progress import Progress
 from index.store import ownership
-from index.store.catalog import REJECTS_FILE, CatalogRow, Reject, read_catalog
+from index.store.catalog import CSV_SUFFIXES, JSONL_SUFFIXES, REJECTS_FILE, CatalogRow, Reject, read_catalog
 from index.store.lmdb_store import CatalogStore
 from index.store.ownership import API_SOURCE, MASS_DELETE_FRACTION
 from index.store.records import ItemRecord
 
 log = logging.getLogger(__name__)
 
-# Non-TTY progress: one log line at most this often, so cron logs stay readable.
-PROGRESS_LOG_SECONDS = 10.0
 DELETE_CHUNK = 10_000
 
 EmbedFn = Callable[[list[Image.Image]], np.ndarray]
@@ -40,7 +39,7 @@ EmbedFn = Callable[[list[Image.Image]], np.ndarray]
 @dataclasses.dataclass
 class IngestSummary:
     added: int = 0  # new items, and deleted ones that came back
-    changed: int = 0  # image bytes changed: re-embedded
+    changed: int = 0  # image bytes changed, or a product's image replaced by another file: re-embedded
     unchanged: int = 0  # nothing to do
     updated: int = 0  # same image, new category/metadata/path: record rewritten, not embedded
     deleted: int = 0  # stored items absent from this catalog (or the API's, replaced by it), now tombstoned
@@ -140,6 +139,8 @@ class _Ingest:
         # Rows the API holds (product -> rows), until this run finds the catalog changed that product.
         self.held: dict[str, list[tuple[CatalogRow, ItemRecord, bool]]] = {}
         self.won: set[str] = set()  # products whose catalog rows changed over the API's writes
+        self.added_of_product: dict[str, int] = {}  # new images embedded this run, per product
+        self.dropped_ids: list[int] = []  # catalog items this run tombstoned
         self.allow_mass_delete, self.max_delete_fraction = allow_mass_delete, max_delete_fraction
 
     def run(self, mark_missing_deleted: bool) -> IngestSummary:
@@ -300,6 +301,7 @@ class _Ingest:
             if pending.is_new:
                 self.summary.added += 1
                 self.summary.added_embedded += 1
+                self.added_of_product[record.product_id] = self.added_of_product.get(record.product_id, 0) + 1
             else:
                 self.summary.changed += 1
 
@@ -328,6 +330,26 @@ class _Ingest:
                                     fraction=self.max_delete_fraction)
         for chunk in _chunked(self._doomed(missing), DELETE_CHUNK):
             self.summary.deleted += self.store.mark_deleted(chunk)
+            if self.added_of_product:
+                self.dropped_ids.extend(chunk)
+        self._count_replaced_images()
+
+    def _count_replaced_images(self) -> None:
+        """A product whose image was replaced by another file shows up as one image added and one
+        dropped; the user sees one changed image, so count each such add/drop pair as changed."""
+        if not self.added_of_product:
+            return
+        dropped: dict[str, int] = {}
+        for chunk in _chunked(self.dropped_ids, DELETE_CHUNK):
+            for record in self.store.get_many(chunk):
+                if record is not None and record.product_id in self.added_of_product:
+                    dropped[record.product_id] = dropped.get(record.product_id, 0) + 1
+        for product, n in dropped.items():
+            replaced = min(n, self.added_of_product[product])
+            self.summary.added -= replaced
+            self.summary.added_embedded -= replaced
+            self.summary.deleted -= replaced
+            self.summary.changed += replaced
 
     def _doomed(self, missing: bool) -> Iterator[int]:
         """Live ids to tombstone: owned by this catalog (or by no one recorded) and no longer listed
@@ -394,27 +416,28 @@ class _RejectsWriter:
 
 
 class _Progress:
-    """tqdm on a terminal, a plain log line every few seconds otherwise, nothing when disabled."""
+    """Ingest's use of :class:`imgsearch.progress.Progress`: rows against the catalog's row count,
+    with the embedded/rejected counts; made at the first batch so a catalog that cannot be read
+    shows no progress at all."""
 
     def __init__(self, enabled: bool, catalog_path: Path):
         self.enabled = enabled
         self.catalog_path = catalog_path
         self.rows = 0
-        self.last_log = time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
+        self.bar: Progress | None = None
 
-            self.bar = tqdm(desc=f"ingest {catalog_path.name}", unit="row", dynamic_ncols=True)
+    def _start(self) -> Progress:
+        if self.bar is None:
+            self.bar = Progress(count_catalog_rows(self.catalog_path), f"embed {self.catalog_path.name}", "rows",
+                                enabled=self.enabled)
+        return self.bar
 
     def update(self, rows: int, summary: IngestSummary) -> None:
         self.rows += rows
-        if self.bar is not None:
-            self.bar.update(rows)
-            self.bar.set_postfix(embedded=summary.embedded, rejected=summary.rejected, refresh=False)
-        elif self.enabled and time.monotonic() - self.last_log >= PROGRESS_LOG_SECONDS:
-            self.last_log = time.monotonic()
-            log.info("ingest %s: %d rows read; %s", self.catalog_path, self.rows, summary.counts())
+        if self.enabled:
+            bar = self._start()
+            bar.set_postfix(embedded=summary.embedded, rejected=summary.rejected)
+            bar.update(rows)
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -422,4 +445,20 @@ class _Progress:
 
     def log_done(self, summary: IngestSummary) -> None:
         if self.enabled:
+            self._start().close()  # an empty catalog still gets its one line
             log.info("ingest %s done: %d rows; %s", self.catalog_path, self.rows, summary.line())
+
+
+def count_catalog_rows(path: Path) -> int | None:
+    """The rows :func:`read_catalog` will yield (good and bad), by one pass over the file without
+    decoding images; None when the file cannot be read that way (the ingest then says why)."""
+    try:
+        if path.suffix.lower() in CSV_SUFFIXES:
+            with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+                return max(0, sum(1 for cells in csv.reader(handle) if cells) - 1)  # less the header
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            with path.open("rb") as handle:
+                return sum(1 for raw in handle if raw.strip())
+    except (OSError, csv.Error):
+        pass
+    return None
