@@ -91,19 +91,9 @@ def test_no_known_store_gives_ids_and_says_so_once(tmp_path, capsys):
 
 
 def test_image_query_output_is_written_with_the_manifest_store(tmp_path, capsys):
-    import torch
-    from PIL import Image
-    from skimage import data
+    from tests.test_embed_command import embedded_photo_catalog  # torch: only for this test
 
-    torch.set_num_threads(2)
-    names = ("coffee", "chelsea", "astronaut", "rocket")
-    for name in names:
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(tmp_path / f"{name}.jpg")
-    rows = "".join(f"p-{name},{name}.jpg,cat-{i % 2}\n" for i, name in enumerate(names))
-    (tmp_path / "catalog.csv").write_text("product_id,image,category\n" + rows)
-    store, root = tmp_path / "store", tmp_path / "index"
-    assert main(["embed", str(tmp_path / "catalog.csv"), "--store", str(store)]) == 0
-    assert main(["build", "--store", str(store), "--index-root", str(root)]) == 0
+    _, root = embedded_photo_catalog(tmp_path)
     capsys.readouterr()
     out_file = tmp_path / "r.jsonl"
     assert main(["search", "--index-root", str(root), "-k", "2", "--output", str(out_file), str(tmp_path / "chelsea.jpg")]) == 0

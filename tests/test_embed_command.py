@@ -11,6 +11,20 @@ torch.set_num_threads(2)
 pytest.importorskip("index.store.catalog")
 
 
+def embedded_photo_catalog(tmp_path):
+    """Four real photos (products ``p-coffee``, ``p-chelsea``, ...) through ``imgsearch embed`` and
+    ``imgsearch build`` with default flags: (STORE, INDEX_ROOT)."""
+    names = ("coffee", "chelsea", "astronaut", "rocket")
+    for name in names:
+        Image.fromarray(getattr(data, name)()).convert("RGB").save(tmp_path / f"{name}.jpg")
+    rows = "".join(f"p-{name},{name}.jpg,cat-{i % 2}\n" for i, name in enumerate(names))
+    (tmp_path / "catalog.csv").write_text("product_id,image,category\n" + rows)
+    store, root = tmp_path / "store", tmp_path / "index"
+    assert main(["embed", str(tmp_path / "catalog.csv"), "--store", str(store)]) == 0
+    assert main(["build", "--store", str(store), "--index-root", str(root)]) == 0
+    return store, root
+
+
 def test_embed_ingests_good_rows_rejects_bad_ones_and_is_idempotent(tmp_path, capsys):
     for name in ("coffee", "chelsea"):
         Image.fromarray(getattr(data, name)()).save(tmp_path / f"{name}.jpg")
@@ -29,14 +43,7 @@ def test_search_image_goes_through_the_query_pipeline(tmp_path, capsys):
     HTTP response's shape, and a shopper-like copy of a catalog photo finds its product first."""
     import json
 
-    names = ("coffee", "chelsea", "astronaut", "rocket")
-    for name in names:
-        Image.fromarray(getattr(data, name)()).convert("RGB").save(tmp_path / f"{name}.jpg")
-    rows = "".join(f"p-{name},{name}.jpg,cat-{i % 2}\n" for i, name in enumerate(names))
-    (tmp_path / "catalog.csv").write_text("product_id,image,category\n" + rows)
-    store, root = tmp_path / "store", tmp_path / "index"
-    assert main(["embed", str(tmp_path / "catalog.csv"), "--store", str(store)]) == 0
-    assert main(["build", "--store", str(store), "--index-root", str(root)]) == 0
+    store, root = embedded_photo_catalog(tmp_path)
     capsys.readouterr()
 
     chelsea = Image.open(tmp_path / "chelsea.jpg")

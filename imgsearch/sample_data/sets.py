@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from imgsearch.errors import BadInput
+from imgsearch.progress import Progress
 from imgsearch.sample_data.products import (
     CATALOG_JPEG_QUALITY,
     CATALOG_SIZE,
@@ -158,9 +159,11 @@ def _read_existing(out: Path, config: dict) -> SampleSet | None:
 
 
 def _progress(items, total: int, desc: str, progress: bool | None):
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
+    """``items``, reported by the one progress policy (``progress=False``: silent)."""
+    with Progress(total, desc, "img", enabled=progress is not False) as bar:
+        for item in items:
+            yield item
+            bar.update()
 
 
 def _write_catalog(root: Path, products: list[Product], progress: bool | None) -> None:
