@@ -188,3 +188,36 @@ def test_replaced_product_image_counts_as_changed(tmp_path):
         third = ingest_catalog(catalog, store, emb.embed_catalog, progress=False, model=emb.model_hash,
                                allow_mass_delete=True)
     assert (third.added, third.changed, third.deleted) == (0, 0, 1)
+
+
+def test_verify_candidate_threshold_is_calibrated_and_keeps_the_duplicates(tmp_path, capsys):
+    """--verify without a threshold: the candidate cut comes from planted copies (recorded with the
+    share of copies it lets through), not the fixed 0.60, and verification still finds the duplicates."""
+    from embed.align import DEFAULT_CANDIDATE_THRESHOLD
+    from embed.pipeline import load_pipeline
+    from imgsearch.cli import main
+    from index.store import CatalogStore
+    from index.store.ingest import ingest_catalog
+
+    try:
+        pipeline = load_pipeline(None)
+    except Exception as exc:  # noqa: BLE001 - the default weights are an offline asset
+        pytest.skip(f"default model unavailable: {exc}")
+    catalog, truth = _fashion_catalog(tmp_path)
+    with CatalogStore.create_or_open(tmp_path / "store", dim=pipeline.dim) as store:
+        ingest_catalog(catalog, store, pipeline.embed_catalog, progress=False, model=pipeline.model_hash)
+    _build(tmp_path / "store", tmp_path / "index")
+    out = tmp_path / "groups.jsonl"
+    code = main(["dedup", "--store", str(tmp_path / "store"), "--index-root", str(tmp_path / "index"),
+                 "--output", str(out), "--gpu", "off", "--verify"])
+    assert code == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    job = json.loads((tmp_path / "groups.jsonl.job.json").read_text())
+    calib = job["calibration"]
+    assert calib["method"] == "planted-copies" and calib["for"] == "verify"
+    assert job["config"]["threshold"] == calib["candidate_threshold"] != DEFAULT_CANDIDATE_THRESHOLD
+    assert calib["candidate_recall"] >= 0.99
+    assert f"candidate threshold {calib['candidate_threshold']:.3f} calibrated on" in line
+    groups = [json.loads(g) for g in out.read_text().splitlines()]
+    _precision_found, recall = _precision(groups, truth)
+    assert recall >= 0.9

@@ -83,9 +83,9 @@ def dedup_command(args) -> int:
                 cfg.verify = dataclasses.replace(cfg.verify, max_disagreement=calibration["verify_threshold"])
         elif args.threshold is not None:
             cfg.threshold = args.threshold
-        elif cfg.verify is None:
+        else:
             calibration = _calibrate_on_planted_copies(store, args, cfg)
-            cfg.threshold = calibration["threshold"]
+            cfg.threshold = calibration["candidate_threshold" if cfg.verify is not None else "threshold"]
         if address is not None:
             store.close()
             store = None
@@ -122,6 +122,12 @@ def _calibrate_on_planted_copies(store, args, cfg) -> dict:
         else:
             calibration = dc.calibrate_planted(store, pipeline.embed_catalog, args.target_precision,
                                                image_root=cfg.image_root)
+    if cfg.verify is not None:  # the similarity cut only picks candidates; pixel verification decides
+        calibration["for"] = "verify"
+        if calibration["method"] != dc.METHOD:
+            calibration.update(threshold=cfg.threshold, candidate_threshold=cfg.threshold)
+            print(f"imgsearch dedup: {dc.describe(calibration)}", file=sys.stderr)
+        return calibration
     if calibration["method"] != dc.METHOD:
         print(f"imgsearch dedup: {dc.describe(calibration)}", file=sys.stderr)
     elif not calibration["reached"]:

@@ -35,6 +35,11 @@ NEGATIVES_PER_PRODUCT = 5
 MAX_IMAGES_PER_PRODUCT = 8  # query vectors per sampled product when finding its neighbours
 SCAN_BLOCK = 65536
 KINDS = ("jpeg", "resize", "crop", "colour")
+# With --verify the similarity threshold only picks candidates for pixel verification, which then
+# decides: it must let through nearly every copy (recall), not be precise. Planted copies are mild,
+# so the margin below their 1st percentile leaves room for harder real re-uploads.
+CANDIDATE_QUANTILE = 0.01
+CANDIDATE_MARGIN = 0.10
 
 
 def planted_copy(image, kind: str, rng: np.random.Generator):
@@ -141,14 +146,29 @@ def calibrate_planted(store, embed_fn: Callable[[list], np.ndarray], target_prec
     scores = np.concatenate([positives, list(pairs.values())]).astype(np.float64)
     labels = np.r_[np.ones(len(positives), bool), np.zeros(len(pairs), bool)]
     result = choose_threshold(np.clip(scores, -1.0, 1.0), labels, target_precision)
-    return {"method": METHOD, **result, "planted_copies": len(kept), "negative_pairs": len(pairs),
-            "kinds": list(KINDS), "seed": seed}
+    return {"method": METHOD, **result, **candidate_threshold(np.asarray(positives), np.asarray(list(pairs.values()))),
+            "planted_copies": len(kept), "negative_pairs": len(pairs), "kinds": list(KINDS), "seed": seed}
+
+
+def candidate_threshold(positives: np.ndarray, negatives: np.ndarray) -> dict:
+    """The ``--verify`` candidate threshold: a margin below the planted copies' 1st percentile, with
+    the share of copies and of nearest-neighbour pairs it lets through to pixel verification."""
+    positives = np.clip(np.asarray(positives, np.float64), -1.0, 1.0)
+    t = float(np.clip(np.quantile(positives, CANDIDATE_QUANTILE) - CANDIDATE_MARGIN, -1.0, 1.0))
+    return {"candidate_threshold": round(t, 6),
+            "candidate_recall": round(float(np.mean(positives >= t)), 4),
+            "candidate_negative_share": round(float(np.mean(np.asarray(negatives) >= t)) if len(negatives) else 0.0, 4)}
 
 
 def describe(calibration: dict) -> str:
     """The summary line's account of where the threshold came from."""
+    if calibration.get("method") == METHOD and calibration.get("for") == "verify":
+        return (f"candidate threshold {calibration['candidate_threshold']:.3f} calibrated on "
+                f"{calibration['planted_copies']} planted copies (lets {calibration['candidate_recall']:.2f} of them "
+                f"and {calibration['candidate_negative_share']:.2f} of nearest other products through to verification)")
     if calibration.get("method") == METHOD:
         return (f"threshold {calibration['threshold']:.3f} calibrated on {calibration['planted_copies']} planted "
                 f"copies (precision {calibration['precision']:.2f}, recall {calibration['recall']:.2f}"
                 + ("" if calibration["reached"] else f"; target {calibration['target_precision']:g} not reached") + ")")
-    return f"threshold {calibration['threshold']:g} is the fixed default ({calibration['reason']})"
+    what = "candidate threshold" if calibration.get("for") == "verify" else "threshold"
+    return f"{what} {calibration['threshold']:g} is the fixed default ({calibration['reason']})"
