@@ -172,6 +172,34 @@ def test_a_partial_catalog_refuses_before_deleting_anything(tmp_path):
         assert store.stats()["live"] == 3
 
 
+def test_replaced_images_are_changes_not_deletes_for_the_guard(tmp_path):
+    """A quarter of the products point at new image files: the summary says changed, and the
+    mass-delete guard (10 %) does not count those swaps as deletes."""
+    catalog = write_catalog(tmp_path, 20)
+    embed = PixelEmbedder(DIM).embed_catalog
+    with CatalogStore.create_or_open(tmp_path / "store") as store:
+        ingest_catalog(catalog, store, embed, progress=False)
+        header, rows = _rows(catalog)
+        rng = np.random.default_rng(7)
+        for row in rows[:5]:
+            new = f"img/{row[0]}-new.png"
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / new)
+            row[1] = new
+        _write(catalog, header, rows)
+        summary = ingest_catalog(catalog, store, embed, progress=False)
+        assert (summary.changed, summary.deleted, summary.added) == (5, 0, 0)
+        assert store.stats()["live"] == 20
+        assert _live_images(store, rows[0][0]) == [rows[0][1]]
+        # Swaps do not hide real drops: 5 swaps and 3 products removed (15 %) is still refused.
+        for row in rows[5:10]:
+            new = f"img/{row[0]}-new.png"
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / new)
+            row[1] = new
+        _write(catalog, header, rows[:-3])
+        with pytest.raises(MassDeleteRefused):
+            ingest_catalog(catalog, store, embed, progress=False)
+
+
 def test_rebuild_refuses_a_mass_delete_and_publishes_nothing(tmp_path):
     catalog = write_catalog(tmp_path, 120)
     cfg = rb.RebuildConfig(catalog=str(catalog), store=str(tmp_path / "store"), index_root=str(tmp_path / "index"),

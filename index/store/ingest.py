@@ -324,7 +324,7 @@ class _Ingest:
             missing = False
         if not missing and not self.model_changed:
             return
-        count = sum(1 for _ in self._doomed(missing))
+        count = self._deletes_not_replaced(missing)
         ownership.check_mass_delete(count, self.store.stats()["live"], store_path=self.store.path,
                                     catalog_path=self.catalog_path, allowed=self.allow_mass_delete,
                                     fraction=self.max_delete_fraction)
@@ -333,6 +333,18 @@ class _Ingest:
             if self.added_of_product:
                 self.dropped_ids.extend(chunk)
         self._count_replaced_images()
+
+    def _deletes_not_replaced(self, missing: bool) -> int:
+        """What the guard counts: drops, less those that pair with an image added to the same product
+        (a replaced image is a change, as the summary reports it)."""
+        if not self.added_of_product:
+            return sum(1 for _ in self._doomed(missing))
+        dropped: dict[str | None, int] = {}
+        for chunk in _chunked(self._doomed(missing), DELETE_CHUNK):
+            for record in self.store.get_many(chunk):
+                key = record.product_id if record is not None else None
+                dropped[key] = dropped.get(key, 0) + 1
+        return sum(n - min(n, self.added_of_product.get(p, 0)) for p, n in dropped.items())
 
     def _count_replaced_images(self) -> None:
         """A product whose image was replaced by another file shows up as one image added and one
