@@ -33,7 +33,9 @@ def _store_content(path):
     return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks]), recs
 
 
-def test_ray_ingest_equals_single_process(cluster, tmp_path):
+def test_ray_ingest_equals_single_process(cluster, tmp_path, caplog, monkeypatch):
+    import logging
+
     from index.jobs.distributed import distributed_ingest
     from index.store import CatalogStore
     from index.store.ingest import ingest_catalog
@@ -44,7 +46,13 @@ def test_ray_ingest_equals_single_process(cluster, tmp_path):
         f.write("prod-bad,img/missing.png,x\n")
     with CatalogStore.create_or_open(tmp_path / "single", dim=DIM) as store:
         single = ingest_catalog(catalog, store, emb.embed_catalog, 16, progress=False, model=emb.model_hash)
+    monkeypatch.setenv("IMGSEARCH_PROGRESS_INTERVAL_S", "0")
+    caplog.set_level(logging.INFO, logger="imgsearch.progress")
     dist = distributed_ingest(str(catalog), str(tmp_path / "ray"), emb, "", batch_size=16)
+    # Progress of the cluster's embedding and of the local write, as every long job reports it.
+    lines = [r.getMessage() for r in caplog.records if r.name == "imgsearch.progress"]
+    assert any(line.startswith("embed on ray: 81/81 row (100%)") for line in lines), lines
+    assert any(line.startswith("embed ") and "81/81" in line and "on ray" not in line for line in lines), lines
     assert (dist.added, dist.rejected) == (single.added, single.rejected) == (80, 1)
     assert (dist.embedded_on_cluster, dist.embedded_locally) == (80, 0)  # the workers did the embedding
     a, b = _store_content(tmp_path / "single"), _store_content(tmp_path / "ray")

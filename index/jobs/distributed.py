@@ -32,7 +32,8 @@ import numpy as np
 from embed.image_io import decode_image
 from imgsearch.errors import BadInput, NotImplementedYet
 from index.ann import versions
-from index.ann.build import Progress, build_shard, build_version
+from imgsearch.progress import Progress
+from index.ann.build import build_shard, build_version
 from index.ann.search import open_index
 from index.ann.sources import DEFAULT_BLOCK, store_source
 from index.jobs.dedup import DedupResult, DedupWorker, PairCollector, count_live_vectors
@@ -110,12 +111,13 @@ class _EmbedActor:
                 continue
             images.append(image)
             keys.append(pixel_key(image))
+        rows = np.array([len(batch["path"])])  # read, skipped or embedded: the driver's progress
         if not images:
-            return {"file": np.array([""]), "n": np.array([0])}
+            return {"file": np.array([""]), "n": np.array([0]), "rows": rows}
         vectors = np.asarray(self.embedder.embed_catalog(images), np.float32)
         path = os.path.join(self.out_dir, f"part-{uuid.uuid4().hex}.npz")
         np.savez(path, keys=np.frombuffer(b"".join(keys), dtype="S16"), vectors=vectors)
-        return {"file": np.array([path]), "n": np.array([len(images)])}
+        return {"file": np.array([path]), "n": np.array([len(images)]), "rows": rows}
 
 
 def _plan_rows(catalog: str, store) -> list[dict]:
@@ -169,7 +171,7 @@ def distributed_ingest(catalog: str, store_path: str, embedder, address: str | N
                     out[hit] = np.stack([cache[keys[i]] for i in hit])
                 return out
 
-            summary = ingest_catalog(catalog, store, embed_fn, batch_size, progress=False, model=embedder.model_hash,
+            summary = ingest_catalog(catalog, store, embed_fn, batch_size, model=embedder.model_hash,
                                      allow_mass_delete=allow_mass_delete)
             if local["n"]:
                 log.info("ray: %d image(s) were embedded locally (not embedded by a worker)", local["n"])
@@ -195,12 +197,15 @@ def _embed_on_ray(ray, rows: list[dict], embedder_factory, out_dir: str, model: 
                         batch_size=batch_size, concurrency=n_actors, num_gpus=gpus or None,
                         num_cpus=0 if gpus else 1, batch_format="numpy")
     cache: dict[bytes, np.ndarray] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for path in batch["file"]:
-            if path:
-                with np.load(path) as part:
-                    for key, vec in zip(part["keys"].tolist(), part["vectors"]):
-                        cache[key] = vec
+    with Progress(len(rows), "embed on ray", unit="row") as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for path in batch["file"]:
+                if path:
+                    with np.load(path) as part:
+                        for key, vec in zip(part["keys"].tolist(), part["vectors"]):
+                            cache[key] = vec
+            progress.update(int(batch["rows"].sum()))
+            progress.set_postfix(embedded=len(cache))
     return cache
 
 
