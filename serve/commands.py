@@ -178,10 +178,17 @@ def run_demo_command(args) -> int:
     if args.no_serve:
         return 0
     print(f"imgsearch demo: open http://{args.host}:{args.port}/ and drop a photo from {demo.queries_dir}", flush=True)
-    argv = [sys.executable, "-m", "imgsearch", "serve", "--index-root", str(demo.index_root), "--store", str(demo.store_path),
+    # A fresh process image for the server: this one has run torch and faiss thread pools.
+    os.execv(sys.executable, demo_serve_argv(args, demo))
+    return 0  # not reached
+
+
+def demo_serve_argv(args, demo) -> list[str]:
+    """The ``imgsearch serve`` command line the demo becomes, with the demo's own global options."""
+    argv = [sys.executable, "-m", "imgsearch", *(["-v"] if getattr(args, "verbose", False) else []),
+            "--log-format", getattr(args, "log_format", "auto"),
+            "serve", "--index-root", str(demo.index_root), "--store", str(demo.store_path),
             "--host", args.host, "--port", str(args.port)]
     if demo.checkpoint is not None:
         argv += ["--model", str(demo.checkpoint)]
-    # A fresh process image for the server: this one has run torch and faiss thread pools.
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    return argv

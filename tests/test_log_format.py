@@ -119,3 +119,20 @@ def test_server_without_verbose_keeps_gunicorn_and_faiss_start_up_chatter_out(en
     entries = json_lines(err)
     assert any(e["logger"] == "serve.server" and "serving on" in e["message"] for e in entries), err
     assert not [e for e in entries if e["logger"].startswith(("faiss", "gunicorn")) and e["level"] == "INFO"], err
+
+
+def test_demo_passes_its_log_options_to_the_server_it_becomes(tmp_path):
+    """`imgsearch -v --log-format json demo` execs `imgsearch serve` with the same global options."""
+    from imgsearch.cli import build_parser
+    from serve.commands import demo_serve_argv
+    from serve.demo import Demo
+
+    parser = build_parser()
+    demo = Demo(tmp_path / "index", tmp_path / "store", tmp_path / "queries", None, "0" * 64)
+    for given, verbose, fmt in ((["-v", "--log-format", "json"], True, "json"), ([], False, "auto"),
+                                (["--log-format", "text"], False, "text")):
+        argv = demo_serve_argv(parser.parse_args([*given, "demo", "--port", "8181"]), demo)
+        assert argv[1:3] == ["-m", "imgsearch"]
+        served = parser.parse_args(argv[3:])
+        assert (served.command, served.verbose, served.log_format) == ("serve", verbose, fmt)
+        assert (served.index_root, served.store, served.port) == (str(demo.index_root), str(demo.store_path), 8181)
