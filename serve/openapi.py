@@ -20,6 +20,7 @@ from index.ann.limits import MAX_K
 from serve.products import CONTROL_CHARACTERS, MAX_METADATA_BYTES, MAX_PRODUCT_ID, PRODUCT_FIELDS
 from serve.requests import DEFAULT_K, FLOAT32_MAX, MAX_CATEGORY_LENGTH, SEARCH_FIELDS_FORM, SEARCH_FIELDS_JSON
 from serve.shards import DEFAULT_SHARD_TOKEN_ENV, MAX_SHARD_CANDIDATES, MAX_SHARD_ROWS, SHARD_SEARCH_FIELDS
+from serve.worker import head_limits
 
 OPENAPI_VERSION = "3.1.0"
 _METHODS = ("get", "post", "put", "patch", "delete")
@@ -86,6 +87,7 @@ def _limits(app: Flask, service) -> dict:
         "max_metadata_bytes": MAX_METADATA_BYTES,
         "max_shard_vectors": MAX_SHARD_ROWS,
         "max_shard_candidates": MAX_SHARD_CANDIDATES,
+        **head_limits(),
     }
 
 
@@ -273,7 +275,9 @@ def openapi_document(app: Flask, *, admin_token_env: str, shard_token_env: str |
                 operation["parameters"] = params + operation.get("parameters", [])
             operation["responses"] = {**operation["responses"], "default": {
                 "description": "any other error, e.g. 400 bad_http_request, 408 request_timeout, 413 body_too_large, "
-                               "414 uri_too_long, 431 header_fields_too_large, 500 internal_error",
+                               f"414 uri_too_long (request line over {lim['max_request_line_bytes']:,} bytes), "
+                               f"431 header_fields_too_large (over {lim['max_header_fields']} fields or a field over "
+                               f"{lim['max_header_field_bytes']:,} bytes), 500 internal_error",
                 "content": _json(_ERROR)}}
             paths.setdefault(openapi_path(rule.rule), {})[method] = operation
     return {

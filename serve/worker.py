@@ -41,6 +41,8 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from gunicorn.config import Config as GunicornConfig
+
 from serve.errors import ClientTooSlow
 
 if gunicorn.version_info[0] != 27:
@@ -165,6 +167,14 @@ class Conn(TConn):
 _WAIT, _READY, _GONE, _LATE = "wait", "ready", "gone", "late"
 
 
+def head_limits(cfg=None) -> dict:
+    """The request-head limits gunicorn enforces (its settings, defaults unless overridden), past which
+    it answers 414 or 431: what clients are told in the OpenAPI document."""
+    cfg = cfg if cfg is not None else GunicornConfig()
+    return {"max_request_line_bytes": cfg.limit_request_line, "max_header_fields": cfg.limit_request_fields,
+            "max_header_field_bytes": cfg.limit_request_field_size}
+
+
 class JsonThreadWorker(ThreadWorker):
     """See the module's notes. ``run_gunicorn`` sets the class attributes on a subclass."""
 
@@ -176,7 +186,7 @@ class JsonThreadWorker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.read_ahead = _Budget(READ_AHEAD_BUDGET)
         cfg = self.cfg
-        limits = (cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size)
+        limits = tuple(head_limits(cfg).values())  # request line, field count, field size
         # Past the largest head gunicorn accepts, its parser refuses what is buffered.
         self.head_max = limits[0] + limits[1] * (limits[2] + 2) + 4 if all(limits) else 1 << 20
 

@@ -183,6 +183,22 @@ def test_requests_gunicorn_refuses_get_the_json_error_shape(server, name, reques
     normal_query(server)
 
 
+def test_the_head_limits_in_the_openapi_document_are_the_ones_enforced(server):
+    """x-limits' request-line and header-field sizes are gunicorn's own: just under passes, just over is refused."""
+    status, _headers, body = exchange(server, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200
+    lim = json.loads(body)["info"]["x-limits"]
+    line, field = lim["max_request_line_bytes"], lim["max_header_field_bytes"]
+    for size, want in ((line - 32, 404), (line + 32, 414)):
+        path = b"/" + b"a" * (size - len(b"GET / HTTP/1.1"))
+        got, headers, body = exchange(server, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert got == want, (size, got, body[:200])
+    for size, want in ((field - 32, 200), (field + 32, 431)):
+        header = b"X-Pad: " + b"a" * (size - len(b"X-Pad: "))
+        got, headers, body = exchange(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nConnection: close\r\n\r\n")
+        assert got == want, (size, got, body[:200])
+
+
 # ---------------------------------------------------------------- slow clients
 
 def _slow_client(port: int, kind: str, stop: float, log: list) -> None:
