@@ -38,7 +38,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", choices=["auto", "on", "off"], default="auto", help="use GPUs when present (default auto)")
     p.add_argument("--target-recall", type=recall_fraction, default=0.95, help="recall@10 that auto-tuning must reach")
     p.add_argument("--metric", choices=["l2", "ip"], default=None, help="distance (default: ip for the store, l2 for --vectors)")
-    p.add_argument("--memory-budget", default=None, help="RAM budget for the index, e.g. 2GB (used by --factory auto)")
+    p.add_argument("--ram-budget", "--memory-budget", dest="memory_budget", default=None, metavar="SIZE",
+                   help="RAM the opened index may use, e.g. 2GB: --factory auto chooses within it (codes memory-mapped "
+                        "from disk when they do not fit) and a factory that cannot fit is refused (default: half of RAM)")
 
 
 def _add_mass_delete_option(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", metavar="IDS.npy", default=None, help="int64 ids of the --vectors rows (default 0..N-1)")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; the new one becomes CURRENT")
     _add_build_options(p)
+    p.add_argument("--tune-queries", metavar="Q.npy", default=None,
+                   help="n x d query vectors like real ones (not in the index) to tune and measure recall on "
+                        "(default: 500 stored vectors, each with its own id left out)")
 
     p = _command(sub, "search", help="search the live index with images or query vectors")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; CURRENT's is searched")

@@ -155,11 +155,17 @@ class BuildResult:
 
 
 def resolve_factory(factory: str, n: int, dim: int, metric: str, memory_budget: int | None):
+    """The factory to build (``auto``: chosen within the budget); a given ``memory_budget`` the
+    choice cannot meet is refused before anything is written."""
     if factory in (None, "", "auto"):
         choice = factory_mod.choose_factory(n, dim, memory_budget, metric)
-        factory_mod.validate_factory(choice.factory, dim, metric)
+        index = factory_mod.validate_factory(choice.factory, dim, metric)
+        if memory_budget is not None:
+            factory_mod.check_ram_budget(choice.factory, index, n, dim, memory_budget)
         return choice
     index = factory_mod.validate_factory(factory, dim, metric)
+    if memory_budget is not None:
+        factory_mod.check_ram_budget(factory, index, n, dim, memory_budget)
     nlist = factory_mod.nlist_of(index)
     if nlist and n < nlist:
         raise BadInput(f"factory {factory!r} has {nlist} lists but there are only {n} vectors to train on")

@@ -13,7 +13,7 @@ import numpy as np
 from imgsearch.atomic import write_bytes_atomic
 from imgsearch.errors import BadInput, JobFailed
 from index.ann import integrity, versions
-from index.ann.build import build_version
+from index.ann.build import build_version, resolve_factory
 from index.ann.factory import parse_bytes
 from index.ann.limits import DISTINCT_WIDEN_FACTOR, distinct_fetch, widen
 from index.ann.search import open_index
@@ -39,13 +39,17 @@ def build_command(args) -> int:
     else:
         source = npy_source(args.vectors, args.ids, metric=args.metric)
     try:
+        tune_queries = _tune_queries(getattr(args, "tune_queries", None), source.dim)
+        budget = parse_bytes(getattr(args, "memory_budget", None))
+        # Bad factory or budget: refused before INDEX_ROOT (and its lock file) exists.
+        resolve_factory(args.factory, source.n, source.dim, args.metric or source.default_metric, budget)
         # The one writer lock of INDEX_ROOT: a build never publishes while a rebuild (or build) runs.
         with versions.index_root_lock(args.index_root):
             result = build_version(
                 source, args.index_root, factory=args.factory, shards=args.shards, metric=args.metric,
                 target_recall=args.target_recall, gpu=args.gpu,
-                memory_budget=parse_bytes(getattr(args, "memory_budget", None)),
-                seed=getattr(args, "seed", 0) or 0, build_notes={"job": "build"})
+                memory_budget=budget, seed=getattr(args, "seed", 0) or 0, build_notes={"job": "build"},
+                tune_queries=tune_queries)
     finally:
         if store is not None and hasattr(store, "close"):
             store.close()
@@ -54,6 +58,19 @@ def build_command(args) -> int:
           f"recall@10 {m['measured_recall']:.3f} at nprobe={m['search_defaults']['nprobe']} "
           f"rerank={m['search_defaults']['rerank_factor']}, {m['build_seconds']:.1f}s")
     return 0
+
+
+def _tune_queries(path: str | None, dim: int) -> np.ndarray | None:
+    """``--tune-queries``: checked before INDEX_ROOT is touched."""
+    if path is None:
+        return None
+    q = _load_queries(path)
+    if q.shape[1] != dim or len(q) == 0:
+        raise BadInput(f"--tune-queries {path!r} holds {len(q)} x {q.shape[1]} vectors; the index is {dim}-d "
+                       f"and needs at least one")
+    if not np.isfinite(q).all():
+        raise BadInput(f"--tune-queries {path!r} holds NaN or infinite values")
+    return q
 
 
 def _load_queries(path: str) -> np.ndarray:

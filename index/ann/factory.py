@@ -111,8 +111,8 @@ def parse_bytes(text: str | None) -> int | None:
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not m:
-        raise BadInput(f"bad memory budget {text!r}; expected e.g. 512MB, 2GB, 1.5T")
+    if not m or float(m.group(1)) <= 0:
+        raise BadInput(f"bad --ram-budget {text!r}; expected a size such as 512MB, 2GB, 1.5T")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
     return int(float(m.group(1)) * scale)
 
@@ -175,6 +175,48 @@ def choose_factory(n: int, dim: int, memory_budget: int | None = None, metric: s
     opq = f"OPQ{m}," if dim // m >= 8 else ""
     ram = fixed / n if mmap else m + ID_BYTES + fixed / n
     return FactoryChoice(f"{opq}{coarse},PQ{m}", nlist, round(ram, 3), mmap, reasons)
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def resident_bytes(factory: str, index, n: int, dim: int) -> tuple[int, str] | None:
+    """RAM an opened version of ``factory`` (``index``: its empty faiss index) needs for ``n``
+    vectors, and what it is; None when this code cannot tell. Plain IVF lists open memory-mapped
+    (only the coarse quantizer stays resident); fast-scan lists and non-IVF codes are read into RAM.
+    The fp16 re-rank file is always memory-mapped."""
+    opq = sum(int(g) * dim * 4 for g in re.findall(r"OPQ(\d+)", factory))  # rotation matrices, roughly
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        ivf = None
+    if ivf is not None:
+        coarse = int(ivf.nlist) * (4 * dim + (256 if "_HNSW" in factory else 0)) + opq
+        if re.search(r"x4fs", factory):
+            return coarse + n * (int(ivf.code_size) + ID_BYTES), (
+                f"{int(ivf.code_size)} B fast-scan codes + {ID_BYTES} B id per vector, which cannot be memory-mapped, "
+                f"plus the {int(ivf.nlist)}-list coarse quantizer")
+        return coarse, f"the {int(ivf.nlist)}-list coarse quantizer (its lists are memory-mapped)"
+    last = factory.split(",")[-1].strip()
+    if last == "Flat":
+        return n * (4 * dim + ID_BYTES) + opq, f"{4 * dim} B float vectors + {ID_BYTES} B id per vector"
+    hnsw = re.fullmatch(r"HNSW(\d+)", last)
+    if hnsw:
+        per = 4 * dim + 8 * int(hnsw.group(1)) + ID_BYTES
+        return n * per + opq, f"~{per} B per vector (float vectors and graph links)"
+    return None
+
+
+def check_ram_budget(factory: str, index, n: int, dim: int, budget: int) -> None:
+    """Refuse (BadInput naming both numbers) a factory that needs more RAM than ``budget``."""
+    need = resident_bytes(factory, index, n, dim)
+    if need is not None and need[0] > budget:
+        raise BadInput(f"--ram-budget {format_bytes(budget)} is below the {format_bytes(need[0])} that {factory} needs "
+                       f"in RAM for {n:,} vectors of {dim} dims ({need[1]}); raise the budget or choose smaller codes")
 
 
 def nlist_of(index) -> int | None:
