@@ -79,6 +79,17 @@ def test_rebuild_publishes_validates_and_summarises(tmp_path):
     assert third.validation["ntotal"] == 110
 
 
+def test_rebuild_honours_the_ram_budget(tmp_path):
+    """--ram-budget reaches rebuild's build: below what the version needs, nothing is published."""
+    from imgsearch.errors import BadInput
+
+    catalog = write_catalog(tmp_path, 60)
+    with pytest.raises(BadInput, match=r"--ram-budget 1.00 KiB is below the .* needs in RAM for 60 vectors"):
+        rb.run_rebuild(config(tmp_path, catalog, memory_budget=1024), PixelEmbedder(DIM))
+    assert not (tmp_path / "index" / versions.CURRENT).exists()
+    assert rb.run_rebuild(config(tmp_path, catalog, memory_budget=1 << 20), PixelEmbedder(DIM)).status == "published"
+
+
 def test_second_run_exits_0_while_locked(tmp_path, capsys):
     from imgsearch.cli import main
     from index.store.pidlock import JobLock

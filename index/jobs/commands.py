@@ -15,6 +15,7 @@ from embed.verify import DEFAULT_CANDIDATE_THRESHOLD, VerifyConfig
 from imgsearch.atomic import check_dir_creatable
 from imgsearch.errors import BadInput
 from index.ann import versions
+from index.ann.factory import parse_bytes
 from index.jobs import dedup, dedup_calibration
 from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
 from index.jobs.rebuild import RebuildConfig, run_rebuild
@@ -32,7 +33,8 @@ def rebuild_command(args) -> int:
         target_recall=args.target_recall, factory=args.factory, shards=args.shards, gpu=args.gpu,
         batch_size=args.batch_size, notify=[u for u in (args.notify or "").split(",") if u.strip()],
         force=args.force, distributed=args.distributed, model_spec=args.model,
-        allow_mass_delete=getattr(args, "allow_mass_delete", False))
+        allow_mass_delete=getattr(args, "allow_mass_delete", False),
+        memory_budget=parse_bytes(getattr(args, "memory_budget", None)))
     if not os.path.isfile(cfg.catalog):
         raise BadInput(f"catalog {cfg.catalog!r} does not exist or is not a file")
     parse_distributed(cfg.distributed)

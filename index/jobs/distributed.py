@@ -227,7 +227,7 @@ def _build_shard_task(trained_path: str, store_path: str, shard_no: int, n_shard
 
 def distributed_build(source, index_root: str, address: str | None, *, store_path: str, factory: str = "auto",
                       shards: int = 1, metric: str | None = None, target_recall: float = 0.95, gpu: str = "auto",
-                      seed: int = 0, on_stage=None, build_notes: dict | None = None):
+                      seed: int = 0, on_stage=None, build_notes: dict | None = None, memory_budget: int | None = None):
     """``build_version`` with its shards built as parallel Ray tasks: train once here, tune,
     commit (not publish: the rebuild job validates first). ``build_notes`` join the manifest's build_config."""
     ray = connect(address)
@@ -240,7 +240,7 @@ def distributed_build(source, index_root: str, address: str | None, *, store_pat
     return build_version(source, index_root, factory=factory, shards=shards, metric=metric,
                          target_recall=target_recall, gpu=gpu, seed=seed, publish=False, shard_builder=ray_shards,
                          build_notes={"distributed": f"ray ({shards} shard task(s))", **(build_notes or {})},
-                         on_stage=on_stage)
+                         on_stage=on_stage, memory_budget=memory_budget)
 
 
 # ---------------------------------------------------------------- dedup

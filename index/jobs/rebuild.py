@@ -84,6 +84,7 @@ class RebuildConfig:
     distributed: str | None = None  # "ray" or "ray:ADDRESS"
     model_spec: str | None = None  # the --model checkpoint (Ray workers load it themselves)
     allow_mass_delete: bool = False  # let ingest delete over ownership.MASS_DELETE_FRACTION of the store
+    memory_budget: int | None = None  # --ram-budget in bytes: what the new version may hold in RAM
 
 
 @dataclasses.dataclass
@@ -381,7 +382,8 @@ def _build(cfg: RebuildConfig, source, factory: str, shards: int, metric: str | 
     if cfg.distributed:
         return distributed_build(source, cfg.index_root, parse_distributed(cfg.distributed), store_path=cfg.store,
                                  factory=factory, shards=shards, metric=metric, target_recall=cfg.target_recall,
-                                 gpu=cfg.gpu, seed=cfg.seed, on_stage=stage, build_notes={"job": "rebuild"})
+                                 gpu=cfg.gpu, seed=cfg.seed, on_stage=stage, build_notes={"job": "rebuild"},
+                                 memory_budget=cfg.memory_budget)
     return build_version(source, cfg.index_root, factory=factory, shards=shards, metric=metric,
                          target_recall=cfg.target_recall, gpu=cfg.gpu, seed=cfg.seed, publish=False, on_stage=stage,
-                         build_notes={"job": "rebuild"})
+                         build_notes={"job": "rebuild"}, memory_budget=cfg.memory_budget)
