@@ -5,13 +5,18 @@ Prints three tables:
    torchvision MobileNetV2 and each embedder runtime, with each runtime's max abs / cosine
    deviation from fp32 eager embeddings and its Recall@1 on the real sample set
    (held-out tuxpaint products pasted into real photos, query = ground-truth box + 10 % margin,
-   gallery = every product's catalog shot);
+   gallery = every product's catalog shot); "R@1 mix" searches this runtime's query vectors
+   against the fp32 (eager) catalog, as int8 queries would search a catalog embedded in fp32.
+   The int8 runtime (ONNX Runtime QDQ) is calibrated on train products only: their catalog shots
+   plus one pasted-into-a-photo crop each (300 images at --products 200), never the held-out ones;
 2. detector latency per photo (SSDlite vs Faster R-CNN on the same MobileNetV2 trunk);
 3. the shared-trunk alternative: RoI-pooled features of one whole-photo trunk pass vs crop -> re-embed.
 
 Timing rounds interleave the variants and keep each one's best round, because the CPU is shared.
 
-    .venv/bin/python bench/bench_embed.py [--products 200] [--rounds 5]
+    .venv/bin/python bench/bench_embed.py [--products 200] [--rounds 5] [--checkpoint demo-data/train/model.ckpt]
+
+Writes bench/results/bench_embed.json (bench_embed_ckpt.json with --checkpoint).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # torchvision's Python roi_al
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -40,6 +46,7 @@ from imgsearch import assets  # noqa: E402
 from imgsearch.argtypes import positive_int  # noqa: E402
 
 BATCH, SIZE, THREADS = 32, 224, 2
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def best_rate(fn, x: torch.Tensor, rounds: int) -> float:
@@ -84,6 +91,21 @@ def sample_eval_set(n_products: int):
     return gallery_ids, gallery, queries, photos, set(sample.train_ids)
 
 
+def calibration_images(gallery_ids, gallery, train_ids) -> list:
+    """Train products only: each one's catalog shot, and one crop of it pasted into a real background photo."""
+    from imgsearch.sample_data.products import list_products, load_cutout
+    from imgsearch.sample_data.scenes import list_backgrounds, render_scene
+
+    products = {p.product_id: p for p in list_products()}
+    backgrounds = list_backgrounds()
+    shots = [im for pid, im in zip(gallery_ids, gallery) if pid in train_ids]
+    crops = []
+    for k, pid in enumerate(pid for pid in gallery_ids if pid in train_ids):
+        render = render_scene([load_cutout(products[pid], max_side=256)], np.random.default_rng([99, k]), backgrounds)
+        crops.append(crop_with_margin(render.image, render.boxes[0], 0.10))
+    return shots + crops
+
+
 def recall_at_1(query_vectors, query_ids, gallery_vectors, gallery_ids) -> float:
     top = (query_vectors @ gallery_vectors.T).argmax(axis=1)
     return float(np.mean([gallery_ids[t] == q for t, q in zip(top, query_ids)]))
@@ -93,6 +115,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=positive_int, default=200, help="sample-set size (a quarter are held out as queries)")
     parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--checkpoint", default=None, help="embedder checkpoint (default: the pretrained MobileNetV2)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
@@ -100,15 +123,16 @@ def main() -> int:
     gallery_ids, gallery, queries, photos, train_ids = sample_eval_set(args.products)
     crops = [crop_with_margin(p, q["box"], 0.10) for p, q in zip(photos, queries)]
     query_ids = [q["product_id"] for q in queries]
-    calibration = [im for pid, im in zip(gallery_ids, gallery) if pid in train_ids][:64]  # train products only
+    calibration = calibration_images(gallery_ids, gallery, train_ids)
     print(f"sample set: {len(gallery)} catalog products, {len(queries)} held-out query photos; "
-          f"{THREADS} threads, batch {BATCH}, {SIZE} px, best of {args.rounds} rounds\n")
+          f"{THREADS} threads, batch {BATCH}, {SIZE} px, best of {args.rounds} rounds; "
+          f"model: {args.checkpoint or 'pretrained'}; int8 calibration: {len(calibration)} train-product images\n")
 
     runtimes = ["eager", "torchscript", "int8", "onnxruntime"]
     embedders = {}
     for name in runtimes:
         start = time.perf_counter()
-        embedder = load_embedder(None, device="cpu", runtime=name, calibration=calibration if name == "int8" else None)
+        embedder = load_embedder(args.checkpoint, device="cpu", runtime=name, calibration=calibration if name == "int8" else None)
         if embedder.runtime != name:
             print(f"  {name}: unavailable here, skipped")
             continue
@@ -125,7 +149,8 @@ def main() -> int:
 
     reference = None
     one = x[:1].clone()
-    print(f"{'variant':<34}{'build s':>8}{'img/s':>8}{'x plain':>8}{'ms@1':>7}{'max|dv|':>10}{'min cos':>9}{'R@1':>7}")
+    rows = []
+    print(f"{'variant':<34}{'build s':>8}{'img/s':>8}{'x plain':>8}{'ms@1':>7}{'max|dv|':>10}{'min cos':>9}{'R@1':>7}{'R@1 mix':>8}")
     plain_ms = 1000 / best_rate(plain, one, args.rounds)
     print(f"{'torchvision MobileNetV2 fp32 eager':<34}{'':>8}{base_rate:8.1f}{1.0:8.2f}{plain_ms:7.1f}{'':>10}{'':>9}{'':>7}")
     for name, (embedder, build_s) in embedders.items():
@@ -136,9 +161,21 @@ def main() -> int:
         dev = max(np.abs(q - reference[0]).max(), np.abs(g - reference[1]).max())
         cos = min((q * reference[0]).sum(1).min(), (g * reference[1]).sum(1).min())
         r1 = recall_at_1(q, query_ids, g, gallery_ids)
+        mixed = recall_at_1(q, query_ids, reference[1], gallery_ids)
         rate = max(rates[name])
         ms_one = 1000 / best_rate(embedder.runner, one, args.rounds)  # a query: one crop at a time
-        print(f"{'embedder ' + name:<34}{build_s:8.1f}{rate:8.1f}{rate / base_rate:8.2f}{ms_one:7.1f}{dev:10.2e}{cos:9.4f}{r1:7.3f}")
+        print(f"{'embedder ' + name:<34}{build_s:8.1f}{rate:8.1f}{rate / base_rate:8.2f}{ms_one:7.1f}{dev:10.2e}{cos:9.4f}{r1:7.3f}{mixed:8.3f}")
+        rows.append({"runtime": name, "build_s": build_s, "images_per_s": rate, "x_plain": rate / base_rate, "ms_at_1": ms_one,
+                     "max_abs_dv": float(dev), "min_cos": float(cos), "recall_at_1": r1, "recall_at_1_mixed_fp32_catalog": mixed,
+                     "rounds_images_per_s": rates[name]})
+    summary = int8_summary(rows)
+    result = {"command": " ".join(["bench/bench_embed.py", *sys.argv[1:]]), "model": args.checkpoint or "pretrained",
+              "products": len(gallery), "queries": len(queries), "calibration_images": len(calibration), "threads": THREADS,
+              "batch": BATCH, "rounds": args.rounds, "plain_images_per_s": base_rate, "runtimes": rows, "int8_vs_onnxruntime": summary}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / ("bench_embed_ckpt.json" if args.checkpoint else "bench_embed.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results: {out}")
     whole = recall_at_1(embedders["eager"][0].embed(photos), query_ids, reference[1], gallery_ids)
     print(f"\n(eager, whole photo as query instead of the box crop: R@1 {whole:.3f} -- what a detector buys)")
 
@@ -160,6 +197,21 @@ def main() -> int:
 
     shared_trunk_table(embedders["eager"][0], photos, queries, query_ids, reference[1], gallery_ids)
     return 0
+
+
+def int8_summary(rows: list[dict]) -> dict | None:
+    """int8 against the fp32 ONNX embedder: the bar is <= 0.01 R@1 lost and >= 1.5x its images/s."""
+    by_name = {r["runtime"]: r for r in rows}
+    if "int8" not in by_name or "onnxruntime" not in by_name:
+        return None
+    int8, fp32 = by_name["int8"], by_name["onnxruntime"]
+    summary = {"recall_at_1_lost": fp32["recall_at_1"] - int8["recall_at_1"],
+               "mixed_recall_at_1_lost": fp32["recall_at_1"] - int8["recall_at_1_mixed_fp32_catalog"],
+               "speedup": int8["images_per_s"] / fp32["images_per_s"]}
+    summary["meets_bar"] = summary["recall_at_1_lost"] <= 0.01 and summary["speedup"] >= 1.5
+    print(f"\nint8 vs fp32 onnxruntime: R@1 {summary['recall_at_1_lost']:+.3f} lost (mixed: {summary['mixed_recall_at_1_lost']:+.3f}), "
+          f"{summary['speedup']:.2f}x images/s; meets the bar (<= 0.01 lost, >= 1.5x): {summary['meets_bar']}")
+    return summary
 
 
 def shared_trunk_table(embedder, photos, queries, query_ids, gallery_vectors, gallery_ids) -> None:
