@@ -158,6 +158,7 @@ def load_detector(checkpoint: str | os.PathLike | Checkpoint) -> ProductDetector
 
 
 DETECTOR, MERGED, WHOLE_IMAGE = "detector", "merged", "whole_image"  # where a region comes from
+USER = "user"  # a box the request gave (the server's ``box``): searched instead of the detector's choice
 
 
 @dataclass
@@ -173,8 +174,8 @@ class Region:
     source: str = DETECTOR
 
     def __post_init__(self):
-        if self.source not in (DETECTOR, MERGED, WHOLE_IMAGE):
-            raise BadInput(f"region source must be {DETECTOR!r}, {MERGED!r} or {WHOLE_IMAGE!r}, got {self.source!r}")
+        if self.source not in (DETECTOR, MERGED, WHOLE_IMAGE, USER):
+            raise BadInput(f"region source must be {DETECTOR!r}, {MERGED!r}, {WHOLE_IMAGE!r} or {USER!r}, got {self.source!r}")
 
     @property
     def whole_image(self) -> bool:
@@ -241,6 +242,17 @@ def merged_region(a: Region, b: Region) -> Region:
     confidence alone vouches for the pair)."""
     box = (min(a.box[0], b.box[0]), min(a.box[1], b.box[1]), max(a.box[2], b.box[2]), max(a.box[3], b.box[3]))
     return Region(box, (a.score + b.score) / 2.0, MERGED)
+
+
+def user_region(box, image_size: tuple[int, int]) -> Region:
+    """The region of a box the user picked (pixels of the photo, within it), score 0.0. It is
+    cropped as a detector box is (:meth:`QueryPipeline.crops`, with the pipeline's margin), so
+    picking a detected box searches what the detector's choice of it would."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    width, height = image_size
+    if not (0.0 <= x1 < x2 <= width and 0.0 <= y1 < y2 <= height):
+        raise BadInput(f"box {list(box)} is not inside the {width}x{height} image")
+    return Region((x1, y1, x2, y2), 0.0, USER)
 
 
 def region_dict(region: Region) -> dict:

@@ -105,6 +105,12 @@ def create_app(service, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics
     def product(product_id: str):
         return jsonify(service.product(product_id))
 
+    @app.get("/v1/model")
+    def model():
+        from serve.models import model_body
+
+        return jsonify(model_body(service))
+
     @app.get("/openapi.json")
     def openapi():
         return jsonify(openapi_document(app, admin_token_env=admin_token_env, shard_token_env=shard_token_env))

@@ -33,8 +33,9 @@ from imgsearch.errors import BadInput
 from serve.accesslog import configure_access_log
 from serve.app import create_app
 from serve.decode_budget import DEFAULT_DECODE_PIXEL_BUDGET, DecodeBudget
-from serve.demo import prepare_demo
+from serve.demo import STATUS_FILE, prepare_demo, start_trainer
 from serve.metrics import enable_multiprocess, remove_multiprocess_dir, worker_exited
+from serve.models import STATUS_ENV
 from serve.readiness import ReadyBoard, worker_hooks
 from serve.server import check_bindable, run_gunicorn
 from serve.service import SearchService
@@ -148,13 +149,16 @@ def serve_command(args) -> int:
 
     decode_pixels = getattr(args, "decode_pixel_budget", None) or DEFAULT_DECODE_PIXEL_BUDGET
 
+    # A full server without --model embeds with each live version's own model (serve.models).
+    models = None if service_options else ("fixed" if args.model else "follow")
+
     def app_factory():
         _tune_process()
         # Each worker opens the index itself (memory-mapped, so the page cache is shared):
         # forking after torch or faiss ran their OpenMP pools can hang the child.
         service = SearchService(args.index_root, args.store, embedder_loader=_pipeline_loader(args.model),
                                 batch_window_ms=args.batch_window_ms, max_batch=args.max_batch,
-                                decode_budget=DecodeBudget(decode_pixels), **service_options)
+                                decode_budget=DecodeBudget(decode_pixels), models=models, **service_options)
         app = create_app(service, admin_token_env=args.admin_token_env, **app_options)
         worker["service"] = service
         if holder is not None:
@@ -178,8 +182,19 @@ def run_demo_command(args) -> int:
     if args.no_serve:
         return 0
     print(f"imgsearch demo: open http://{args.host}:{args.port}/ and drop a photo from {demo.queries_dir}", flush=True)
+    argv = demo_serve_argv(args, demo)
+    if demo.checkpoint is None:
+        # Serve the pretrained model now; the job (a child of the server this process becomes, so it
+        # ends with it) trains one and publishes its version, which the server follows.
+        workdir = Path(args.workdir)
+        host = "127.0.0.1" if args.host in ("", "0.0.0.0", "::") else args.host
+        trainer = start_trainer(workdir, f"http://{host}:{args.port}")
+        print(f"imgsearch demo: training a model in the background (pid {trainer.pid}, progress in "
+              f"{workdir / STATUS_FILE} and on the page); the page switches to it when it is ready", flush=True)
+        os.environ[STATUS_ENV] = str((workdir / STATUS_FILE).resolve())
+        argv += ["--watch-current", "1"]
     # A fresh process image for the server: this one has run torch and faiss thread pools.
-    os.execv(sys.executable, demo_serve_argv(args, demo))
+    os.execv(sys.executable, argv)
     return 0  # not reached
 
 

@@ -2,13 +2,18 @@
 
 Every step is idempotent: a second run reuses the sample set, embeds nothing
 new (content hashes), and keeps the live index when it already holds this
-model's vectors.
+model's vectors. Without a trained checkpoint the demo serves the pretrained
+model and trains one in the background (:mod:`serve.demo_train`,
+:func:`start_trainer`); the server switches to it once its version is published.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +27,8 @@ from index.store.ingest import ingest_catalog
 log = logging.getLogger(__name__)
 
 DEMO_SEED = 0
-DEMO_CHECKPOINT = "train/model.ckpt"  # `make train-demo` writes the trained model here
+DEMO_CHECKPOINT = "train/model.ckpt"  # `make train-demo` (or the demo's background job) writes the trained model here
+STATUS_FILE = "train-status.json"
 
 
 @dataclass(frozen=True)
@@ -35,23 +41,47 @@ class Demo:
 
 
 def prepare_demo(workdir: Path, limit_products: int | None = None) -> Demo:
-    from embed.pipeline import load_pipeline
-
     workdir.mkdir(parents=True, exist_ok=True)
     sample = build_sample_set(workdir / "sample", seed=DEMO_SEED, limit_products=limit_products)
     checkpoint = workdir / DEMO_CHECKPOINT
     checkpoint = checkpoint if checkpoint.is_file() else None
-    log.info("demo model: %s", checkpoint or "pretrained MobileNetV2 trunk with a fixed projection (run `make train-demo` to train one)")
-    pipeline = load_pipeline(str(checkpoint) if checkpoint else None)
+    log.info("demo model: %s", checkpoint or "pretrained MobileNetV2 trunk with a fixed projection (training one in the background)")
+    model_hash = embed_and_index(workdir, checkpoint)
+    return Demo(workdir / "index", store_path_of(workdir, model_hash), Path(sample.root) / "queries", checkpoint, model_hash)
 
-    # Vectors from another model must never mix with these: one store per model.
-    store_path = workdir / f"store-{pipeline.model_hash[:12]}"
+
+def store_path_of(workdir: Path, model_hash: str) -> Path:
+    return workdir / f"store-{model_hash[:12]}"  # vectors of another model never mix with these: one store per model
+
+
+def embed_and_index(workdir: Path, checkpoint: Path | None, on_build=None) -> str:
+    """Embed the demo catalog with ``checkpoint``'s model (None: pretrained) into that model's
+    store and make a version of it live in ``workdir/index``; returns the model's hash."""
+    from embed.pipeline import load_pipeline
+
+    pipeline = load_pipeline(str(checkpoint) if checkpoint else None)
+    store_path = store_path_of(workdir, pipeline.model_hash)
     with CatalogStore.create_or_open(store_path, dim=pipeline.dim) as store:
-        summary = ingest_catalog(sample.catalog_csv, store, pipeline.embed_catalog, batch_size=32, model=pipeline.model_hash)
+        summary = ingest_catalog(workdir / "sample" / "catalog.csv", store, pipeline.embed_catalog, batch_size=32,
+                                 model=pipeline.model_hash, model_checkpoint=checkpoint)
         log.info("demo catalog: %s", summary.line())
-        index_root = workdir / "index"
-        _ensure_index(store, index_root, pipeline.model_hash)
-    return Demo(index_root, store_path, Path(sample.root) / "queries", checkpoint, pipeline.model_hash)
+        if on_build is not None:
+            on_build()
+        _ensure_index(store, workdir / "index", pipeline.model_hash)
+    return pipeline.model_hash
+
+
+def start_trainer(workdir: Path, url: str, extra_args: list[str] | None = None) -> subprocess.Popen:
+    """The background job (:mod:`serve.demo_train`) training the demo's model; it logs to
+    ``workdir/train-job.log`` and stops when its parent (the demo's server) does."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # as `make train-demo` runs
+    job_log = open(workdir / "train-job.log", "ab")  # noqa: SIM115 - the child holds it
+    try:
+        return subprocess.Popen([sys.executable, "-m", "serve.demo_train", "--workdir", str(workdir.resolve()),
+                                 "--status", str((workdir / STATUS_FILE).resolve()), "--url", url, *(extra_args or [])],
+                                stdin=subprocess.DEVNULL, stdout=job_log, stderr=job_log, env=env)
+    finally:
+        job_log.close()
 
 
 def _ensure_index(store, index_root: Path, model_hash: str) -> None:

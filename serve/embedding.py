@@ -22,18 +22,30 @@ class PreparedQuery:
     image: Any  # the decoded PIL image
     regions: list | None = None  # embed.pipeline.Region list, None: embed the image whole
     tensor: Any = None  # (len(regions), 3, S, S) torch tensor
+    detections: list | None = None  # with a user's box: the detector's boxes (response dicts), not embedded
 
 
 def splittable(pipeline) -> bool:
     return hasattr(pipeline, "regions") and hasattr(getattr(pipeline, "embedder", None), "embed_tensor")
 
 
-def prepare(pipeline, image, stage=lambda name: nullcontext()) -> PreparedQuery:
+def prepare(pipeline, image, stage=lambda name: nullcontext(), box=None) -> PreparedQuery:
+    """``box`` (pixels of ``image``, inside it): embed that region alone; the detector still runs,
+    so that the answer lists its boxes."""
     if not splittable(pipeline):
-        return PreparedQuery(image)
+        return PreparedQuery(image if box is None else image.crop(tuple(int(round(v)) for v in box)),
+                             detections=None if box is None else [])
     with stage("detect"):
         (regions,) = pipeline.regions([image])
-    return PreparedQuery(image, regions, pipeline.embedder.preprocess(pipeline.crops(image, regions)))
+    detections = None
+    if box is not None:
+        import numpy as np
+
+        from embed.pipeline import QueryEmbedding, user_region
+
+        detections = QueryEmbedding(image.size, regions, np.empty((len(regions), 0))).detections()
+        regions = [user_region(box, image.size)]
+    return PreparedQuery(image, regions, pipeline.embedder.preprocess(pipeline.crops(image, regions)), detections)
 
 
 def embed_prepared(pipeline, queries: list[PreparedQuery], stage=lambda name: nullcontext()) -> list:

@@ -40,6 +40,8 @@ class LiveIndex:
     higher_is_better: bool
     sharded: bool = False  # a front server over shard servers: responses carry "partial"
     cursor: LogCursor = field(default_factory=LogCursor, compare=False)  # updates log applied so far
+    # The embedder and store this version is searched with (serve.models.Backend); None: the server's own.
+    backend: Any = field(default=None, compare=False)
 
     @property
     def ntotal(self) -> int:
@@ -115,19 +117,22 @@ class LiveVersions:
     """The live version of INDEX_ROOT for one process, and the live updates applied to it."""
 
     def __init__(self, index_root: Path, store_path: Path, store: Callable, *, opener=None,
-                 updates: UpdateLog | None = None, metrics: Callable = lambda: None):
-        """``store()``: the process's read-only CatalogStore; ``metrics()``: the ServerMetrics or None."""
+                 updates: UpdateLog | None = None, metrics: Callable = lambda: None, policy=None):
+        """``store()``: the process's read-only CatalogStore; ``metrics()``: the ServerMetrics or None;
+        ``policy``: a :class:`serve.models.ModelPolicy` choosing each version's model and store."""
         self.index_root = Path(index_root)
         self.store_path = Path(store_path)
         self.updates = updates
         self._store = store
         self._metrics = metrics
         self._opener = opener or default_opener
+        self.policy = policy if getattr(self._opener, "takes_version", False) else None
         self._reload_lock = threading.Lock()
         self._apply_lock = threading.Lock()
         self._live: LiveIndex | None = None
         self._last_error = "no index loaded yet"
         self._watch: threading.Thread | None = None
+        self.refused: set[str] = set()  # versions the model policy refused (an admin reload still retries)
 
     def live(self) -> LiveIndex | None:
         return self._live
@@ -142,10 +147,12 @@ class LiveVersions:
         and ``ApiError(500, "reload_failed")`` names the reason."""
         with self._reload_lock:
             try:
+                version, backend = self._backend_for(version)
+                store = backend.store if backend is not None else self._store()
                 if version is None:
-                    opened = self._opener(self.index_root, self._store())
+                    opened = self._opener(self.index_root, store)
                 else:
-                    opened = self._opener(self.index_root, self._store(), version=version)
+                    opened = self._opener(self.index_root, store, version=version)
                 manifest = opened.manifest
                 live = LiveIndex(
                     version=str(manifest["version"]),
@@ -153,9 +160,10 @@ class LiveVersions:
                     dim=int(manifest["dim"]),
                     higher_is_better=manifest["metric"] == "ip",
                     sharded=bool(getattr(opened, "is_fanout", False)),
+                    backend=backend,
                 )
                 if getattr(opened, "path", None):
-                    live.cursor.covered = version_coverage(opened.path, self.store_path)
+                    live.cursor.covered = version_coverage(opened.path, self.parts(live)[2])
                 self._warm(live)
                 self._catch_up(live)  # live additions since the build, before anyone sees it
             except Exception as exc:  # noqa: BLE001 - any failure leaves the old version serving
@@ -172,16 +180,38 @@ class LiveVersions:
                 self.compact_updates()
             return live
 
+    def _backend_for(self, version: str | None):
+        """(version to open, its Backend or None) under the model policy: the version is named
+        first, so CURRENT moving meanwhile cannot pair one version's model with another's files."""
+        current = self._live.backend if self._live is not None else None
+        if self.policy is None:
+            return version, current
+        version = version or versions.read_current(str(self.index_root))
+        manifest = versions.read_manifest(versions.version_dir(str(self.index_root), version))
+        try:
+            return version, self.policy.backend_for(manifest, current, starting=self._live is None)
+        except Exception:
+            self.refused.add(version)  # the CURRENT watch does not load its model again every interval
+            raise
+
+    def parts(self, live: LiveIndex | None):
+        """(updates log, store(), store path) that ``live`` (default: the live version) is served with."""
+        live = live if live is not None else self._live
+        backend = live.backend if live is not None else None
+        if backend is not None:
+            return backend.updates, lambda: backend.store, backend.store_path
+        return self.updates, self._store, self.store_path
+
     def compact_updates(self) -> dict | None:
         """Compact the updates log (see :mod:`serve.updates`): drop the lines every version
         under INDEX_ROOT holds, reduce the rest to the last operation per id. Never raises."""
-        if self.updates is None or not self.updates.size():
+        updates, store, store_path = self.parts(None)
+        if updates is None or not updates.size():
             return None
         try:
-            return self.updates.compact(covered_through(self.index_root, self.store_path),
-                                        store_generation=self._store().generation)
+            return updates.compact(covered_through(self.index_root, store_path), store_generation=store().generation)
         except Exception as exc:  # noqa: BLE001 - a failed compaction leaves the old log, still valid
-            log.warning("updates log %s not compacted: %s: %s", self.updates.path, type(exc).__name__, exc)
+            log.warning("updates log %s not compacted: %s: %s", updates.path, type(exc).__name__, exc)
             return None
 
     def load_current(self) -> LiveIndex | None:
@@ -232,7 +262,7 @@ class LiveVersions:
                 time.sleep(interval_s)
                 try:
                     name = versions.read_current(str(self.index_root))
-                    if self._live is None or name != self._live.version:
+                    if self._live is None or (name != self._live.version and name not in self.refused):
                         log.info("CURRENT names %s: reloading", name)
                         self.load_current()
                 except Exception as exc:  # noqa: BLE001 - the watch must outlive a bad CURRENT
@@ -249,13 +279,14 @@ class LiveVersions:
             self._catch_up(live)
 
     def _catch_up(self, live: LiveIndex) -> None:
-        if self.updates is None or live.sharded or not self.updates.changed(live.cursor):
+        updates, store, _ = self.parts(live)
+        if updates is None or live.sharded or not updates.changed(live.cursor):
             return
         with self._apply_lock:
             cursor = live.cursor
-            got = self.updates.read(cursor)
+            got = updates.read(cursor)
             if got.rewritten:
-                log.info("updates log %s was compacted: version %s re-reads it from epoch %s", self.updates.path,
+                log.info("updates log %s was compacted: version %s re-reads it from epoch %s", updates.path,
                          live.version, got.epoch)
             if got.must_cover and (cursor.covered is None or cursor.covered < got.must_cover):
                 self._fill_from_store(live, got.must_cover)
@@ -270,7 +301,7 @@ class LiveVersions:
                     added, deleted = added[mine], np.concatenate([deleted, added[~mine]])
                 try:
                     if added.size:
-                        live.index.add(added, self._store().vectors_for(added.tolist()))
+                        live.index.add(added, store().vectors_for(added.tolist()))
                     if deleted.size:
                         live.index.delete(deleted)
                 except Exception as exc:  # noqa: BLE001 - a bad entry must not fail the queries that found it
@@ -293,7 +324,7 @@ class LiveVersions:
         log.warning("version %s was not built from store generation %d or later, and the updates log no longer "
                     "holds those lines: adding the store's missing items from the store itself", live.version,
                     dropped_through)
-        store = self._store()
+        store = self.parts(live)[1]()
         indexed = getattr(live.index, "indexed_ids", None)
         if indexed is None:
             log.error("version %s cannot list its ids: live updates up to store generation %d may be missing",

@@ -18,7 +18,7 @@ import imgsearch
 from embed.image_io import DEFAULT_MAX_PIXELS, BadImage, ImageTooLarge
 from index.ann.limits import MAX_K
 from serve.products import CONTROL_CHARACTERS, MAX_METADATA_BYTES, MAX_PRODUCT_ID, PRODUCT_FIELDS
-from serve.requests import DEFAULT_K, FLOAT32_MAX, MAX_CATEGORY_LENGTH, SEARCH_FIELDS_FORM, SEARCH_FIELDS_JSON
+from serve.requests import BOX_LENGTH, DEFAULT_K, FLOAT32_MAX, MAX_CATEGORY_LENGTH, SEARCH_FIELDS_FORM, SEARCH_FIELDS_JSON
 from serve.shards import DEFAULT_SHARD_TOKEN_ENV, MAX_SHARD_CANDIDATES, MAX_SHARD_ROWS, SHARD_SEARCH_FIELDS
 from serve.worker import head_limits
 
@@ -105,23 +105,26 @@ def _schemas(lim: dict) -> dict:
                 "description": "only results of this category (valid Unicode)"}
     image_base64 = {"type": "string", "contentEncoding": "base64", "maxLength": lim["max_body_bytes"],
                     "description": f"the photo's bytes in base64; at most {lim['max_image_pixels']:,} pixels"}
+    box_rule = ("[x1, y1, x2, y2] in pixels of the uploaded photo (after its EXIF orientation), 0 <= x1 < x2 <= width, "
+                "0 <= y1 < y2 <= height: search that region (cropped with the usual 10% margin) instead of the detector's choice; "
+                "400 bad_box otherwise")
     search_json = _fields(SEARCH_FIELDS_JSON, {
         "image_base64": image_base64, "vector": vector, "k": k, "category": category,
-        "box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
-                "description": "[x1, y1, x2, y2] in pixels of the uploaded photo: search exactly that region"},
+        "box": {"type": "array", "items": {"type": "number"}, "minItems": BOX_LENGTH, "maxItems": BOX_LENGTH,
+                "description": box_rule + "; image queries only (400 bad_box with a vector)"},
     })
     search_form = _fields(SEARCH_FIELDS_FORM | {"image"}, {
         "image": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
                   "description": f"the photo file; at most {lim['max_image_pixels']:,} pixels"},
         "k": k, "category": {**category, "type": "string"},
-        "box": {"type": "string", "description": "x1,y1,x2,y2 in pixels of the uploaded photo"},
+        "box": {"type": "string", "description": f"JSON text [x1, y1, x2, y2] or {BOX_LENGTH} comma-separated numbers: " + box_rule},
     })
     product_id = {"type": "string", "minLength": 1, "maxLength": lim["max_product_id_length"],
                   "pattern": product_id_pattern(),
                   "description": "the user's product id: not blank, valid Unicode (no lone surrogate), no control characters"}
     region = {"type": "object", "required": ["box", "score"], "properties": {
-        "box": {"type": "array", "items": {"type": "integer"}, "minItems": 4, "maxItems": 4,
-                "description": "[x1, y1, x2, y2]: integer pixels of the uploaded photo"},
+        "box": {"type": "array", "items": {"type": "number"}, "minItems": BOX_LENGTH, "maxItems": BOX_LENGTH,
+                "description": "[x1, y1, x2, y2]: integer pixels of the uploaded photo (a request's box: as given)"},
         "score": {"type": "number"}, "source": {"type": "string"}}}
     result = {"type": "object", "required": ["product_id", "score", "category", "image", "metadata"], "properties": {
         "product_id": {"type": "string"}, "score": {"type": "number", "description": "ip: higher is better; l2: squared distance, lower is better"},
@@ -194,6 +197,11 @@ def _operations(lim: dict) -> dict[tuple[str, str], dict]:
                 "status": {"const": "ready"}, "index_version": {"type": "string"}, "ntotal": {"type": "integer"},
                 "dim": {"type": "integer"}, "metric": {"enum": ["ip", "l2"]}}}),
             **_errors(s503=not_ready)}},
+        ("model", "get"): {"summary": "The live version's model and the demo's background training", "tags": ["operations"],
+                           "responses": {"200": _ok("the model", {"type": "object", "properties": {
+                               "model": {"type": ["string", "null"]}, "kind": {"enum": ["pretrained", "trained", "unknown"]},
+                               "index_version": {"type": ["string", "null"]}, "index_model": {"type": ["string", "null"]},
+                               "training": {"type": ["object", "null"]}}})}},
         ("prometheus_metrics", "get"): {"summary": "Prometheus metrics", "tags": ["operations"],
                                         "responses": {"200": _ok("Prometheus text format", {"type": "string"}, "text/plain")}},
         ("search", "post"): {
@@ -205,7 +213,8 @@ def _operations(lim: dict) -> dict[tuple[str, str], dict]:
             "responses": {"200": _ok("the results", _ref("SearchResponse")), **_errors(
                 s400=f"{k_codes}; bad_json; bad_query: not exactly one of image_base64 and vector; bad_base64; "
                      f"missing_image; bad_vector / bad_vector_length: not {lim['dim'] or 'dim'} numbers; "
-                     "bad_vector_value: NaN, infinite or beyond float32",
+                     "bad_vector_value: NaN, infinite or beyond float32; "
+                     f"bad_box: not {BOX_LENGTH} finite numbers, zero-area, inverted, outside the photo, or given with a vector",
                 s413=image_errors["s413"], s415="unsupported_media_type: not multipart/form-data or application/json",
                 s422=image_errors["s422"],
                 s503=f"{not_ready}; busy (with Retry-After): the decode budget of {lim['decode_pixel_budget'] or 0:,} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 from dataclasses import dataclass
 
@@ -16,8 +17,9 @@ from serve.errors import ApiError, ClientTooSlow
 
 DEFAULT_K = 10
 MAX_CATEGORY_LENGTH = 200
-SEARCH_FIELDS_JSON = frozenset({"image_base64", "vector", "k", "category"})
-SEARCH_FIELDS_FORM = frozenset({"k", "category"})
+SEARCH_FIELDS_JSON = frozenset({"image_base64", "vector", "k", "category", "box"})
+SEARCH_FIELDS_FORM = frozenset({"k", "category", "box"})
+BOX_LENGTH = 4  # x1, y1, x2, y2
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class SearchRequest:
     category: str | None
     image: bytes | None = None
     vector: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None  # pixels of the uploaded photo: search that region
 
 
 def shown(value, limit: int = 60) -> str:
@@ -92,6 +95,52 @@ def _fits_float32(x) -> bool:
     return math.isfinite(value) and abs(value) <= FLOAT32_MAX
 
 
+def _box_error(raw, why: str) -> ApiError:
+    return ApiError(400, "bad_box", f"box {shown(raw)} {why}; give [x1, y1, x2, y2] in pixels of the photo, x1 < x2, y1 < y2")
+
+
+def parse_box(raw) -> tuple[float, float, float, float] | None:
+    """A request's ``box`` (a JSON list, or a multipart text: JSON or comma-separated), checked
+    for shape alone: the photo's size is known only after decoding (:func:`check_box_inside`)."""
+    if raw is None:
+        return None
+    values = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            values = json.loads(text) if text.startswith("[") else [_number_text(part) for part in text.split(",")]
+        except (ValueError, RecursionError):
+            raise _box_error(raw, f"is not {BOX_LENGTH} numbers") from None
+    if not isinstance(values, list) or len(values) != BOX_LENGTH:
+        raise _box_error(raw, f"is not {BOX_LENGTH} numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise _box_error(raw, "holds something that is not a number")
+    if not all(_fits_float32(v) for v in values):
+        raise _box_error(raw, "holds a value that is not finite")
+    x1, y1, x2, y2 = (float(v) for v in values)
+    if x2 == x1 or y2 == y1:
+        raise _box_error(raw, "has zero area")
+    if x2 < x1 or y2 < y1:
+        raise _box_error(raw, "is inverted (x2 < x1 or y2 < y1)")
+    return x1, y1, x2, y2
+
+
+def _number_text(part: str) -> float:
+    """One comma-separated number: Python's float() also takes 'nan', 'inf' and '1_0'; those are refused after."""
+    if "_" in part:
+        raise ValueError(part)
+    return float(part)
+
+
+def check_box_inside(box: tuple[float, float, float, float], width: int, height: int) -> None:
+    """After decoding (and EXIF orientation): the box lies within the photo, edges included."""
+    x1, y1, x2, y2 = box
+    if min(box) < 0 or x2 > width or y2 > height:
+        shown_box = "[" + ", ".join(f"{v:g}" for v in box) + "]"
+        raise ApiError(400, "bad_box", f"box {shown_box} is outside the {width}x{height} photo "
+                       f"(as oriented by its EXIF tag): every coordinate must be in 0..width / 0..height")
+
+
 def reject_unknown(fields, allowed: frozenset[str]) -> None:
     unknown = sorted(set(fields) - allowed)
     if unknown:
@@ -150,7 +199,10 @@ def _parse_json(request: Request, dim: int) -> SearchRequest:
     if has_image == has_vector:
         raise ApiError(400, "bad_query", "give exactly one of 'image_base64' and 'vector'")
     if has_vector:
+        if body.get("box") is not None:
+            raise ApiError(400, "bad_box", f"box {shown(body['box'])} applies to image queries only, not to a vector query")
         return SearchRequest(k, category, vector=parse_vector(body["vector"], dim))
+    box = parse_box(body.get("box"))
     encoded = body["image_base64"]
     if not isinstance(encoded, str):
         raise ApiError(400, "bad_base64", f"image_base64 must be a string, got {shown(encoded)}")
@@ -158,7 +210,7 @@ def _parse_json(request: Request, dim: int) -> SearchRequest:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 (starts {shown(encoded[:20])})") from None
-    return SearchRequest(k, category, image=data)
+    return SearchRequest(k, category, image=data, box=box)
 
 
 def _parse_multipart(request: Request) -> SearchRequest:
@@ -166,8 +218,8 @@ def _parse_multipart(request: Request) -> SearchRequest:
     reject_unknown(request.files, frozenset({"image"}))
     if "image" not in request.files:
         raise ApiError(400, "missing_image", "multipart body needs an 'image' file field")
-    data = request.files["image"].read()
-    return SearchRequest(parse_k(request.form.get("k")), parse_category(request.form.get("category")), image=data)
+    k, category, box = parse_k(request.form.get("k")), parse_category(request.form.get("category")), parse_box(request.form.get("box"))
+    return SearchRequest(k, category, image=request.files["image"].read(), box=box)
 
 
 def parse_search_request(request: Request, dim: int) -> SearchRequest:

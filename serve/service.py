@@ -32,7 +32,7 @@ from serve.decode_budget import DecodeBudget
 from serve.errors import ApiError
 from serve.image_files import read_verified
 from serve.live import LiveIndex, LiveVersions, run_search
-from serve.requests import SearchRequest
+from serve.requests import SearchRequest, check_box_inside
 from serve.updates import UpdateLog
 
 log = logging.getLogger(__name__)
@@ -58,21 +58,26 @@ class SearchJob:
 class SearchService:
     def __init__(self, index_root: str | Path, store_path: str | Path, embedder=None, embedder_loader=None, *,
                  batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH,
-                 opener=None, live_updates: bool = True, store=None, decode_budget: DecodeBudget | None = None):
+                 opener=None, live_updates: bool = True, store=None, decode_budget: DecodeBudget | None = None,
+                 models: str | None = None):
         """``store``: an opened CatalogStore to read through (one LMDB handle per process, so
         several services in one process share one); by default opened read-only on first use.
-        ``decode_budget``: the decoded pixels this process holds at once (:mod:`serve.decode_budget`)."""
+        ``decode_budget``: the decoded pixels this process holds at once (:mod:`serve.decode_budget`).
+        ``models``: ``"follow"`` (embed with each live version's own model, :mod:`serve.models`),
+        ``"fixed"`` (refuse at reload a version of another model than the embedder's), or None."""
         self.decode_budget = decode_budget or DecodeBudget()
         self.index_root = Path(index_root)
-        self.store_path = Path(store_path)
+        self._store_path = Path(store_path)
+        self._pinned = threading.local()  # the LiveIndex a request thread is answering on
         self._embedder = embedder
         self._embedder_loader = embedder_loader
         self._embedder_lock = threading.Lock()
         self._store_lock = threading.Lock()
         self._store = store
-        self.updates = UpdateLog(self.store_path) if live_updates else None
-        self.versions = LiveVersions(self.index_root, self.store_path, self.store, opener=opener, updates=self.updates,
-                                     metrics=lambda: self.metrics)
+        self._updates = UpdateLog(self._store_path) if live_updates else None
+        self.versions = LiveVersions(self.index_root, self._store_path, self._own_store, opener=opener,
+                                     updates=self._updates, metrics=lambda: self.metrics,
+                                     policy=self._model_policy(models, live_updates))
         self.metrics = None
         self.arrivals = Arrivals()
         self.batching = batch_window_ms > 0
@@ -121,6 +126,10 @@ class SearchService:
         return self.versions.compact_updates()
 
     def store(self):
+        backend = self.backend()
+        return backend.store if backend is not None else self._own_store()
+
+    def _own_store(self):
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
@@ -128,6 +137,9 @@ class SearchService:
         return self._store
 
     def embedder(self):
+        backend = self.backend()
+        if backend is not None:
+            return backend.embedder
         with self._embedder_lock:
             if self._embedder is None:
                 if self._embedder_loader is None:
@@ -138,6 +150,50 @@ class SearchService:
     def warm_embedder(self) -> None:
         self.embedder().embed_queries([Image.new("RGB", (224, 224), (128, 128, 128))])
 
+    # ------------------------------------------------------------------ models (serve.models)
+
+    def _model_policy(self, models: str | None, live_updates: bool):
+        if models is None:
+            return None
+        from serve.models import ModelPolicy
+
+        def fixed_model() -> str | None:
+            return self._embedder.model_hash if self._embedder is not None else None
+
+        return ModelPolicy(follow=models == "follow", store_path=self._store_path, open_store=self._own_store,
+                           live_updates=live_updates, embedder_model=fixed_model)
+
+    def backend(self):
+        """The Backend (model + store) of the request's version, else of the live one; None: the server's own."""
+        live = getattr(self._pinned, "live", None) or self.versions.live()
+        return live.backend if live is not None else None
+
+    @property
+    def store_path(self) -> Path:
+        backend = self.backend()
+        return backend.store_path if backend is not None else self._store_path
+
+    @property
+    def updates(self) -> UpdateLog | None:
+        backend = self.backend()
+        return backend.updates if backend is not None else self._updates
+
+    def model_info(self) -> dict:
+        """``GET /v1/model``'s body (without the training status): the live version's model."""
+        live = self.live()
+        backend = live.backend if live is not None else None
+        manifest = getattr(live.index, "manifest", {}) if live is not None else {}
+        if backend is not None:
+            model, kind = backend.model, backend.kind
+        else:
+            model = self._embedder.model_hash if self._embedder is not None else None
+            checkpoint = manifest.get("model_checkpoint", "")  # "" when not recorded
+            kind = "unknown"
+            if model is not None and model == manifest.get("model") and checkpoint != "":
+                kind = "pretrained" if checkpoint is None else "trained"
+        return {"model": model, "kind": kind, "index_version": live.version if live is not None else None,
+                "index_model": manifest.get("model")}
+
     # ------------------------------------------------------------------ live updates
 
     # ------------------------------------------------------------------ queries
@@ -146,38 +202,54 @@ class SearchService:
         return self.metrics.stage(name) if self.metrics is not None else nullcontext()
 
     def search(self, live: LiveIndex, query: SearchRequest) -> dict:
+        """The answer to ``query`` wholly on ``live``: its index, and its model and store (a model
+        switch meanwhile serves the next requests, never half of this one)."""
+        self._pinned.live = live
+        try:
+            return self._search_on(live, query)
+        finally:
+            self._pinned.live = None
+
+    def _search_on(self, live: LiveIndex, query: SearchRequest) -> dict:
         self.catch_up()
         if query.vector is not None:
             embedded = None
             vectors = query.vector.reshape(1, -1)
         else:
-            embedded = self._embed_query_image(query.image)
+            embedded, detections = self._embed_query_image(query.image, query.box)
             vectors = embedded.vectors
         if vectors.shape[-1] != live.dim:
             raise ApiError(500, "dimension_mismatch", f"the embedder makes {vectors.shape[-1]}-d vectors, the index holds {live.dim}-d")
         # A photo's regions are searched together; the answer is the region that matches best.
-        choose = embedded.choose if embedded is not None else None
+        choose = embedded.choose if embedded is not None and query.box is None else None  # a user's box: no choice
         results, partial, chosen = self._distinct_products(live, vectors, query.k, query.category, choose)
         body: dict = {"detections": embedded.detections() if embedded is not None else [], "results": results}
-        if embedded is not None:
+        if query.box is not None:
+            body["detections"] = detections
+            body["region"] = {"box": [int(v) if v.is_integer() else v for v in query.box], "score": 0.0, "source": "user"}
+        elif embedded is not None:
             body["region"] = embedded.region(chosen)
         if live.sharded:
             body["partial"] = partial
         return body
 
-    def _embed_query_image(self, data: bytes):
+    def _embed_query_image(self, data: bytes, box=None):
+        """(QueryEmbedding, the detector's boxes when ``box`` is given: only that region is embedded)."""
         with self.decode_budget.hold(data):  # the decoded photo counts until it is embedded
             with self._stage("decode"):
                 image = decode_image(data)
+            if box is not None:
+                check_box_inside(box, image.width, image.height)
             pipeline = self.embedder()
-            prepared = embedding.prepare(pipeline, image, self._stage)  # in this thread: parallel with others
+            prepared = embedding.prepare(pipeline, image, self._stage, box)  # in this thread: parallel with others
+            detections = prepared.detections
             if self.batching:
                 query = self._embed_batcher.submit(prepared)
             else:
                 self.arrivals.leave()
                 (query,) = embedding.embed_prepared(pipeline, [prepared], self._stage)
             del image, prepared
-        return query
+        return query, detections
 
     def _embed_batch(self, prepared: list) -> list:
         pipeline = self.embedder()

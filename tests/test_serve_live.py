@@ -268,3 +268,69 @@ def test_docs_page_renders_the_openapi_document(server, tmp_path):
         assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def detector_server(tmp_path_factory):
+    """A server whose model has a detector (:func:`tests.test_serve_box.prepare_detector_demo`):
+    three real detector boxes on every photo."""
+    from tests.test_serve_box import prepare_detector_demo
+
+    demo = prepare_detector_demo(tmp_path_factory.mktemp("live-box") / "demo")
+    log = tmp_path_factory.mktemp("live-box-logs") / "server.log"
+    proc = ServerProcess(["--index-root", str(demo.index_root), "--store", str(demo.store_path), "--model", str(demo.checkpoint),
+                          "--workers", "1", "--threads", "4", "--batch-window-ms", "2"], log)
+    try:
+        yield demo, proc.wait_ready()
+    finally:
+        proc.kill()
+
+
+@needs_chromium
+def test_web_page_draws_the_detected_boxes_and_a_click_searches_that_region(detector_server, tmp_path):
+    demo, server = detector_server
+    driver = _chromium(tmp_path)
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    q = _queries(demo)[1]  # a held-out shopper photo: the catalog holds only the product's cut-out
+    try:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 90)
+        wait.until(lambda d: "vectors" in d.find_element(By.ID, "ready").text)
+        # Record the box each search request carries.
+        driver.execute_script("window.sentBoxes = []; const f = window.fetch; window.fetch = (url, opts) => {"
+                              " if (opts && opts.body instanceof FormData) window.sentBoxes.push(opts.body.get('box'));"
+                              " return f(url, opts); };")
+        driver.find_element(By.ID, "file").send_keys(str(Path(demo.queries_dir).parent / q["image"]))
+        wait.until(lambda d: "products in" in d.find_element(By.ID, "status").text)
+        answered = driver.find_element(By.ID, "region").get_attribute("data-box")
+        picks = driver.find_elements(By.CSS_SELECTOR, "#boxes rect.pick")
+        drawn = {r.get_attribute("data-box") for r in picks} | {answered}
+        # Every detection the server answered with is drawn, the answering region in green.
+        body, content_type = multipart({"k": "12"}, {"image": ("q.jpg", (Path(demo.queries_dir).parent / q["image"]).read_bytes())})
+        status, answer = raw(server, "POST", "/v1/search", body, content_type)
+        assert status == 200 and len(answer["detections"]) >= 2
+        assert {",".join(map(str, d["box"])) for d in answer["detections"]} <= drawn
+        assert driver.find_element(By.CSS_SELECTOR, "#boxes rect.chosen").get_attribute("data-box") == answered
+        assert driver.execute_script("return window.sentBoxes") == [None]
+
+        target = picks[-1]  # drawn last: the smallest, on top of the others
+        box = target.get_attribute("data-box")
+        assert box != answered
+        ActionChains(driver).move_to_element(target).click().perform()
+        wait.until(lambda d: d.find_element(By.ID, "region").get_attribute("data-box") == box
+                   and "products in" in d.find_element(By.ID, "status").text)
+        assert driver.execute_script("return window.sentBoxes") == [None, "[" + box + "]"]
+        assert "your pick" in driver.find_element(By.ID, "region").text
+        assert driver.find_element(By.CSS_SELECTOR, "#boxes rect.chosen").get_attribute("data-box") == box
+        assert driver.find_elements(By.CSS_SELECTOR, "#results img") and driver.find_element(By.ID, "preview").is_displayed()
+        # The page shows the server's answer for that region.
+        body, content_type = multipart({"k": "12", "box": "[" + box + "]"}, {"image": ("q.jpg", (Path(demo.queries_dir).parent / q["image"]).read_bytes())})
+        status, answer = raw(server, "POST", "/v1/search", body, content_type)
+        assert status == 200 and answer["region"]["box"] == [int(v) for v in box.split(",")]
+        shown = [img.get_attribute("data-product-id") for img in driver.find_elements(By.CSS_SELECTOR, "#results img")]
+        assert shown == [r["product_id"] for r in answer["results"]]
+    finally:
+        driver.quit()

@@ -201,7 +201,9 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
         manifest = _build_into(staging, source, choice, shards, metric, gpu, seed,
                                shard_builder or local_shard_builder(source), on_stage or _no_stage)
         manifest["build_config"].update(build_notes or {})
-        manifest.update(version=name, model=source.model, target_recall=target_recall)
+        # The checkpoint beside its hash: a server without --model loads it (serve.live).
+        manifest.update(version=name, model=source.model, model_checkpoint=source.model_checkpoint,
+                        target_recall=target_recall)
         if source.store is not None:
             manifest["store"] = source.store  # which store writes the version holds (serve.updates)
         (on_stage or _no_stage)("tune")

@@ -34,6 +34,7 @@ class VectorSource:
     # A catalog store's absolute path and its generation (LMDB txn id) read BEFORE any of its
     # vectors: every write committed at or before it is in what ``blocks`` yields.
     store: dict | None = None
+    model_checkpoint: str | None = None  # the file of ``model`` (None: the built-in model or raw vectors)
 
 
 def as_float32(block: np.ndarray) -> np.ndarray:
@@ -118,7 +119,8 @@ def store_source(store, *, metric: str | None = None, deleted: np.ndarray | None
     origin = None
     if isinstance(generation, int) and getattr(store, "path", None) is not None:
         origin = {"path": os.path.abspath(store.path), "generation": generation}
-    return VectorSource(blocks, n, int(store.dim), metric or "ip", model, "store", origin)
+    return VectorSource(blocks, n, int(store.dim), metric or "ip", model, "store", origin,
+                        stats.get("model_checkpoint") or getattr(store, "model_checkpoint", None))
 
 
 def _count_vectors(stats: dict, blocks: BlockIter, deleted: np.ndarray) -> int:

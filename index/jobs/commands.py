@@ -163,6 +163,7 @@ def embed_command(args) -> int:
              pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
     with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
         summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=True,
-                                 model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False))
+                                 model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False),
+                                 model_checkpoint=args.model)
     print(f"imgsearch embed: {summary.line()}")
     return 0

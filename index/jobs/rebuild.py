@@ -328,7 +328,8 @@ def _ingest(cfg: RebuildConfig, embedder, stage: StageCallback):
                                   allow_mass_delete=cfg.allow_mass_delete)
     with CatalogStore.create_or_open(cfg.store, dim=embedder.dim) as store:
         return ingest_catalog(cfg.catalog, store, embedder.embed_catalog, cfg.batch_size, progress=True,
-                              model=embedder.model_hash, allow_mass_delete=cfg.allow_mass_delete)
+                              model=embedder.model_hash, allow_mass_delete=cfg.allow_mass_delete,
+                              model_checkpoint=cfg.model_spec)
 
 
 def _run_locked(cfg: RebuildConfig, embedder, stage: StageCallback) -> RebuildResult:

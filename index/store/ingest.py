@@ -84,6 +84,7 @@ def ingest_catalog(
     model: str | None = None,
     allow_mass_delete: bool = False,
     max_delete_fraction: float = MASS_DELETE_FRACTION,
+    model_checkpoint: str | os.PathLike | None = None,
 ) -> IngestSummary:
     """Bring ``store`` in line with the catalog: embed new and changed images with ``embed_fn``
     (list of RGB images -> float32 (n, dim)), rewrite changed records, and (with
@@ -103,6 +104,7 @@ def ingest_catalog(
     same model: after a model change every item is embedded again (resumably: a killed run's
     re-embedded items are not redone), and live items left with another model's vector (rows
     rejected this run) are tombstoned, so the store never mixes two models' vectors.
+    ``model_checkpoint`` (that model's file, None for the built-in one) is recorded beside it.
     """
     if batch_size < 1:
         raise BadInput(f"batch_size {batch_size!r} must be >= 1")
@@ -110,6 +112,7 @@ def ingest_catalog(
         raise BadInput(f"store {str(store.path)!r} is open read-only; ingest needs CatalogStore.create_or_open")
     job = _Ingest(Path(catalog_path), store, embed_fn, batch_size, progress, max_pixels, model,
                   allow_mass_delete=allow_mass_delete, max_delete_fraction=max_delete_fraction)
+    job.checkpoint = os.path.abspath(model_checkpoint) if model_checkpoint else None
     return job.run(mark_missing_deleted)
 
 
@@ -155,8 +158,8 @@ class _Ingest:
                     self.progress.update(len(chunk), self.summary)
                 self._flush(final=True)
                 self._delete(mark_missing_deleted)
-                if self.model_changed:
-                    self.store.set_model(self.model)
+                if self.model_changed or (self.model and self.store.model_checkpoint != self.checkpoint):
+                    self.store.set_model(self.model, self.checkpoint)
                 rejects.commit()
         finally:
             self.progress.close_bar()

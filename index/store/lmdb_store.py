@@ -5,7 +5,7 @@ big-endian ids so cursors walk them in id order):
 
 | db           | key                            | value                                   |
 |--------------|--------------------------------|-----------------------------------------|
-| ``meta``     | ``b"store"``                   | JSON: format, dim, vector_dtype, created_at, model |
+| ``meta``     | ``b"store"``                   | JSON: format, dim, vector_dtype, created_at, model, model_checkpoint |
 | ``items``    | id                             | JSON :class:`ItemRecord`                |
 | ``vectors``  | id                             | raw ``dim`` floats of ``vector_dtype``  |
 | ``deleted``  | id                             | empty (tombstone index)                 |
@@ -195,8 +195,13 @@ class CatalogStore:
             self._meta = self._read_meta()
         return self._meta.get("model")
 
-    def set_model(self, model: str | None) -> None:
-        meta = {**self._meta, "model": model}
+    @property
+    def model_checkpoint(self) -> str | None:
+        """Absolute path of the checkpoint that made the vectors (None: the built-in model)."""
+        return (self._read_meta() if self.readonly else self._meta).get("model_checkpoint")
+
+    def set_model(self, model: str | None, checkpoint: str | None = None) -> None:
+        meta = {**self._meta, "model": model, "model_checkpoint": checkpoint}
         self._write(lambda txn: txn.put(_STORE_KEY, json.dumps(meta).encode(), db=self._dbs[b"meta"]))
         self._meta = meta
 
@@ -487,5 +492,6 @@ class CatalogStore:
             "dim": self.dim,
             "vector_dtype": self.vector_dtype,
             "model": self.model,
+            "model_checkpoint": self.model_checkpoint,
             "map_size": self.map_size,
         }
