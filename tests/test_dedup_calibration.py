@@ -66,6 +66,24 @@ def _build(store_path, root):
         build_version(store_source(store), str(root), gpu="off", factory="IVF4,Flat")
 
 
+def _default_model_store_and_index(tmp_path):
+    """The Fashion-MNIST catalog embedded with the default model into tmp_path/store and indexed
+    into tmp_path/index; returns the true duplicate pairs (skips when the model is unavailable)."""
+    from embed.pipeline import load_pipeline
+    from index.store import CatalogStore
+    from index.store.ingest import ingest_catalog
+
+    try:
+        pipeline = load_pipeline(None)
+    except Exception as exc:  # noqa: BLE001 - the default weights are an offline asset
+        pytest.skip(f"default model unavailable: {exc}")
+    catalog, truth = _fashion_catalog(tmp_path)
+    with CatalogStore.create_or_open(tmp_path / "store", dim=pipeline.dim) as store:
+        ingest_catalog(catalog, store, pipeline.embed_catalog, progress=False, model=pipeline.model_hash)
+    _build(tmp_path / "store", tmp_path / "index")
+    return truth
+
+
 def _precision(groups, truth):
     found = {(a, b) for g in groups for a, b, _ in g["pairs"]}
     return len(found & truth) / max(len(found), 1), len(found & truth) / len(truth)
@@ -111,20 +129,10 @@ def test_cli_without_threshold_falls_back_when_no_image_is_reachable(tmp_path, c
 
 
 def test_cli_calibrates_with_the_store_model_and_records_it(tmp_path, capsys):
-    from embed.pipeline import load_pipeline
     from imgsearch.cli import main
-
-    try:
-        pipeline = load_pipeline(None)
-    except Exception as exc:  # noqa: BLE001 - the default weights are an offline asset
-        pytest.skip(f"default model unavailable: {exc}")
-    catalog, truth = _fashion_catalog(tmp_path)
     from index.store import CatalogStore
-    from index.store.ingest import ingest_catalog
 
-    with CatalogStore.create_or_open(tmp_path / "store", dim=pipeline.dim) as store:
-        ingest_catalog(catalog, store, pipeline.embed_catalog, progress=False, model=pipeline.model_hash)
-    _build(tmp_path / "store", tmp_path / "index")
+    _default_model_store_and_index(tmp_path)
     out = tmp_path / "groups.jsonl"
     code = main(["dedup", "--store", str(tmp_path / "store"), "--index-root", str(tmp_path / "index"),
                  "--output", str(out), "--gpu", "off"])
@@ -194,19 +202,9 @@ def test_verify_candidate_threshold_is_calibrated_and_keeps_the_duplicates(tmp_p
     """--verify without a threshold: the candidate cut comes from planted copies (recorded with the
     share of copies it lets through), not the fixed 0.60, and verification still finds the duplicates."""
     from embed.align import DEFAULT_CANDIDATE_THRESHOLD
-    from embed.pipeline import load_pipeline
     from imgsearch.cli import main
-    from index.store import CatalogStore
-    from index.store.ingest import ingest_catalog
 
-    try:
-        pipeline = load_pipeline(None)
-    except Exception as exc:  # noqa: BLE001 - the default weights are an offline asset
-        pytest.skip(f"default model unavailable: {exc}")
-    catalog, truth = _fashion_catalog(tmp_path)
-    with CatalogStore.create_or_open(tmp_path / "store", dim=pipeline.dim) as store:
-        ingest_catalog(catalog, store, pipeline.embed_catalog, progress=False, model=pipeline.model_hash)
-    _build(tmp_path / "store", tmp_path / "index")
+    truth = _default_model_store_and_index(tmp_path)
     out = tmp_path / "groups.jsonl"
     code = main(["dedup", "--store", str(tmp_path / "store"), "--index-root", str(tmp_path / "index"),
                  "--output", str(out), "--gpu", "off", "--verify"])
