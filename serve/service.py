@@ -25,6 +25,7 @@ from PIL import Image
 
 from embed.image_io import decode_image
 from index.ann.limits import DISTINCT_WIDEN_FACTOR, distinct_fetch, widen
+from index.ann.rerank import clip_unit_scores
 from index.store import CatalogStore, product_results
 from serve import embedding
 from serve.batcher import DEFAULT_MAX_BATCH, Arrivals, MicroBatcher
@@ -222,7 +223,8 @@ class SearchService:
             raise ApiError(500, "dimension_mismatch", f"the embedder makes {vectors.shape[-1]}-d vectors, the index holds {live.dim}-d")
         # A photo's regions are searched together; the answer is the region that matches best.
         choose = embedded.choose if embedded is not None and query.box is None else None  # a user's box: no choice
-        results, partial, chosen = self._distinct_products(live, vectors, query.k, query.category, choose)
+        results, partial, chosen = self._distinct_products(live, vectors, query.k, query.category, choose,
+                                                           unit_query=embedded is not None)
         body: dict = {"detections": embedded.detections() if embedded is not None else [], "results": results}
         if query.box is not None:
             body["detections"] = detections
@@ -298,10 +300,11 @@ class SearchService:
         return out
 
     def _distinct_products(self, live: LiveIndex, vectors: np.ndarray, k: int, category: str | None,
-                           choose=None) -> tuple[list[dict], bool, int]:
+                           choose=None, unit_query: bool = False) -> tuple[list[dict], bool, int]:
         """Top k distinct products (best image each), optionally of one category, of the row of
         ``vectors`` that ``choose(best score per row)`` picks (default row 0); whether some shard
-        did not answer; and the row."""
+        did not answer; and the row. ``unit_query``: the vectors are the embedder's (unit length),
+        so scores are clipped to their exact range."""
         ntotal = live.ntotal
         if ntotal == 0:
             self.arrivals.leave()
@@ -315,6 +318,8 @@ class SearchService:
             row = choose(best_cosines(all_scores, all_ids, live.higher_is_better))
         scores, ids, vector = all_scores[row], all_ids[row], vectors[row]
         while True:
+            if unit_query:
+                scores = clip_unit_scores(scores, live.higher_is_better)
             with self._stage("join"):
                 results = self._join(scores, ids, k)
             if len(results) >= k or fetch >= limit:

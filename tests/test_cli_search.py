@@ -104,3 +104,38 @@ def test_image_query_output_is_written_with_the_manifest_store(tmp_path, capsys)
     assert [r["product_id"] for r in answer["results"]][0] == "p-chelsea"
     assert answer["results"][0]["category"] == "cat-1" and set(answer["results"][0]) == RESULT_KEYS
     assert main(["search", "--index-root", str(root), "--output", str(tmp_path / "r.npz"), str(tmp_path / "chelsea.jpg")]) == 2
+
+
+def test_image_query_scores_stay_cosines(tmp_path, capsys):
+    """A catalog photo searched as itself: float16 storage puts the raw self-match just past 1
+    (the witness below); the CLI and the HTTP answer report a cosine in [-1, 1], still first."""
+    import io
+
+    from index.ann.search import open_index
+    from embed.pipeline import load_pipeline
+    from serve.app import create_app
+    from serve.service import SearchService
+    from tests.test_embed_command import embedded_photo_catalog  # torch: only for this test
+
+    store, root = embedded_photo_catalog(tmp_path)
+    names = ("coffee", "chelsea", "astronaut", "rocket")
+    pipeline, idx = load_pipeline(None), open_index(str(root))
+    raw = [float(idx.search(pipeline.embed_queries([str(tmp_path / f"{n}.jpg")])[0].vectors, 1)[0].max()) for n in names]
+    assert max(raw) > 1.0, raw  # without clipping some answer would print a cosine above 1
+    capsys.readouterr()
+    answers = {}
+    for name in names:  # the CLI first: one LMDB handle per process, and the service keeps its own
+        assert main(["search", "--index-root", str(root), "-k", "2", str(tmp_path / f"{name}.jpg")]) == 0
+        (answers[name],) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    service = SearchService(root, store, embedder=pipeline)
+    assert service.load_current() is not None, service.not_ready_reason()
+    client = create_app(service, max_body_bytes=1 << 24).test_client()
+    for name, answer in answers.items():
+        photo = (tmp_path / f"{name}.jpg").read_bytes()
+        body = client.post("/v1/search", data={"image": (io.BytesIO(photo), "q.jpg"), "k": "2"},
+                           content_type="multipart/form-data").get_json()
+        assert "results" in body, body
+        for results in (answer["results"], body["results"]):
+            assert results[0]["product_id"] == f"p-{name}"
+            assert all(-1.0 <= r["score"] <= 1.0 for r in results), results
+            assert results[0]["score"] >= 0.999

@@ -16,6 +16,7 @@ from index.ann import integrity, versions
 from index.ann.build import build_version, resolve_factory
 from index.ann.factory import parse_bytes
 from index.ann.limits import DISTINCT_WIDEN_FACTOR, distinct_fetch, widen
+from index.ann.rerank import clip_unit_scores
 from index.ann.search import open_index
 from index.ann.sources import npy_source, store_source
 from index.store import CatalogStore, product_results
@@ -156,10 +157,14 @@ def _vector_answers(idx, store, queries: np.ndarray, k: int) -> list[dict]:
             for n in range(len(queries))]
 
 
-def _distinct_products(idx, store, vector, scores, ids, fetch: int, limit: int, k: int) -> list[dict]:
+def _distinct_products(idx, store, vector, scores, ids, fetch: int, limit: int, k: int,
+                       unit_query: bool = False) -> list[dict]:
     """Top k distinct products of one query, as the server's: several images of one product
-    collapse to one result, so a short answer searches that query again, deeper."""
+    collapse to one result, so a short answer searches that query again, deeper. ``unit_query``:
+    the query is the embedder's (unit length), so scores are clipped to their exact range."""
     while True:
+        if unit_query:
+            scores = clip_unit_scores(scores, idx.manifest.get("metric") == "ip")
         results = product_results(store, scores, ids, k)
         if len(results) >= k or fetch >= limit:
             return results
@@ -191,9 +196,12 @@ def _image_answers(args, idx, store):
             chosen, results = 0, []
         else:
             scores, ids = idx.search(vectors, fetch)
-            chosen = query.choose(best_cosines(scores, ids, higher_is_better=idx.manifest.get("metric") == "ip"))
-            results = (_distinct_products(idx, store, vectors[chosen], scores[chosen], ids[chosen], fetch, limit, args.k)
-                       if store is not None else _join(None, scores[chosen], ids[chosen], args.k))
+            higher_is_better = idx.manifest.get("metric") == "ip"
+            chosen = query.choose(best_cosines(scores, ids, higher_is_better=higher_is_better))
+            results = (_distinct_products(idx, store, vectors[chosen], scores[chosen], ids[chosen], fetch, limit, args.k,
+                                          unit_query=True)
+                       if store is not None else
+                       _join(None, clip_unit_scores(scores[chosen], higher_is_better), ids[chosen], args.k))
         yield {"query": image, "index_version": idx.version, "took_ms": round(1000 * (time.perf_counter() - t0), 3),
                "detections": query.detections(), "region": query.region(chosen), "results": results}
 

@@ -33,6 +33,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def clip_unit_scores(scores: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Scores of a unit-length query against the unit-length catalog, kept to the range exact
+    arithmetic gives them: cosines in [-1, 1] (ip), squared distances in [0, 4] (l2). Float16
+    storage and float32 sums put a self-match at 1.000019 or -2e-7, which users read as a bug.
+    Only for queries known to be unit length (the embedder's); a raw query vector's scores are
+    reported as computed."""
+    low, high = (-1.0, 1.0) if higher_is_better else (0.0, 4.0)
+    return np.clip(np.asarray(scores, np.float32), low, high)
+
+
 def f16_to_f32(h: np.ndarray) -> np.ndarray:
     """float16 rows (n x d) -> float32, bit-exact, with faiss' F16C decoder.
 

@@ -45,6 +45,7 @@ from imgsearch.atomic import write_bytes_atomic
 from imgsearch.calibration import precision_cut
 from imgsearch.errors import BadInput
 from imgsearch.progress import Progress
+from index.ann.rerank import clip_unit_scores
 from index.ann.search import open_index
 from index.ann.versions import write_json_atomic
 from index.jobs.unionfind import UnionFind
@@ -106,8 +107,8 @@ def similarity(scores: np.ndarray, metric: str) -> np.ndarray:
 
 
 def clip_similarity(s):
-    """Cosines of unit vectors stored in float16 can round past 1 (1.000019); a cosine is in [-1, 1]."""
-    return np.clip(s, -1.0, 1.0).astype(np.float32)
+    """A similarity of two catalog embeddings (unit vectors) is a cosine: kept in [-1, 1]."""
+    return clip_unit_scores(s, higher_is_better=True)
 
 
 class DedupWorker:
