@@ -23,6 +23,9 @@ class PreparedQuery:
     regions: list | None = None  # embed.pipeline.Region list, None: embed the image whole
     tensor: Any = None  # (len(regions), 3, S, S) torch tensor
     detections: list | None = None  # with a user's box: the detector's boxes (response dicts), not embedded
+    # The pipeline that detected and cropped it: the one that must embed it. During a model switch
+    # one micro-batch can hold queries pinned to the old version and to the new one.
+    pipeline: Any = None
 
 
 def splittable(pipeline) -> bool:
@@ -34,7 +37,7 @@ def prepare(pipeline, image, stage=lambda name: nullcontext(), box=None) -> Prep
     so that the answer lists its boxes."""
     if not splittable(pipeline):
         return PreparedQuery(image if box is None else image.crop(tuple(int(round(v)) for v in box)),
-                             detections=None if box is None else [])
+                             detections=None if box is None else [], pipeline=pipeline)
     with stage("detect"):
         (regions,) = pipeline.regions([image])
     detections = None
@@ -45,7 +48,8 @@ def prepare(pipeline, image, stage=lambda name: nullcontext(), box=None) -> Prep
 
         detections = QueryEmbedding(image.size, regions, np.empty((len(regions), 0))).detections()
         regions = [user_region(box, image.size)]
-    return PreparedQuery(image, regions, pipeline.embedder.preprocess(pipeline.crops(image, regions)), detections)
+    return PreparedQuery(image, regions, pipeline.embedder.preprocess(pipeline.crops(image, regions)), detections,
+                         pipeline)
 
 
 def embed_prepared(pipeline, queries: list[PreparedQuery], stage=lambda name: nullcontext()) -> list:

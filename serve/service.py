@@ -254,7 +254,24 @@ class SearchService:
         return query, detections
 
     def _embed_batch(self, prepared: list) -> list:
-        pipeline = self.embedder()
+        """Each query embedded by the pipeline that prepared it (one network call per pipeline):
+        across a model switch a batch mixes queries of the old and the new version."""
+        groups: dict[int, list[int]] = {}
+        for n, one in enumerate(prepared):
+            groups.setdefault(id(one.pipeline), []).append(n)
+        if len(groups) == 1:
+            return self._embed_group(prepared[0].pipeline or self.embedder(), prepared)
+        results: list = [None] * len(prepared)
+        for rows in groups.values():
+            try:
+                group = self._embed_group(prepared[rows[0]].pipeline or self.embedder(), [prepared[n] for n in rows])
+            except Exception as exc:  # noqa: BLE001 - a lone query's failure is its own, not the batch's
+                group = [exc]
+            for n, result in zip(rows, group):
+                results[n] = result
+        return results
+
+    def _embed_group(self, pipeline, prepared: list) -> list:
         try:
             return embedding.embed_prepared(pipeline, prepared, self._stage)
         except Exception:
