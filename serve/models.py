@@ -82,6 +82,10 @@ class ModelPolicy:
         self._live_updates = live_updates
         self._embedder_model = embedder_model
         self._loader = loader
+        # Stores of other versions, opened once each: LMDB refuses a second handle on one path in a
+        # process, so switching back to a store served before must reuse its handle. Never closed
+        # here: requests pinned to an older version may still read through it.
+        self._other_stores: dict[Path, Any] = {}
 
     def backend_for(self, manifest: dict, current: Backend | None, starting: bool) -> Backend | None:
         """The Backend to serve ``manifest``'s version with (``current`` when its model is the same);
@@ -100,7 +104,7 @@ class ModelPolicy:
             store_path, store = self.store_path, self._open_store()
         else:
             store_path = Path((manifest.get("store") or {}).get("path") or self.store_path)
-            store = self._open_other_store(store_path, model)
+            store = self._store_at(store_path, model)
         pipeline = self._load(checkpoint, model, strict=not starting)
         updates = UpdateLog(store_path) if self._live_updates else None
         # The version's model names the pairing (a starting server may have had to accept another).
@@ -125,14 +129,21 @@ class ModelPolicy:
         log.info("loaded model %s from %s", pipeline.model_hash[:16], checkpoint or "the built-in pretrained model")
         return pipeline
 
-    @staticmethod
-    def _open_other_store(store_path: Path, model: str | None):
+    def _store_at(self, store_path: Path, model: str | None):
+        """The opened store at ``store_path`` (the server's own --store, or one opened for an earlier
+        version), checked to hold ``model``'s vectors."""
         from index.store import CatalogStore
 
-        try:
-            store = CatalogStore.open_readonly(store_path)
-        except Exception as exc:  # noqa: BLE001 - refused, the old version serves
-            raise ModelRefused(f"the version's store {store_path} does not open: {exc}") from None
+        key = store_path.resolve()
+        if key == self.store_path.resolve():
+            store = self._open_store()
+        elif key in self._other_stores:
+            store = self._other_stores[key]
+        else:
+            try:
+                store = self._other_stores[key] = CatalogStore.open_readonly(store_path)
+            except Exception as exc:  # noqa: BLE001 - refused, the old version serves
+                raise ModelRefused(f"the version's store {store_path} does not open: {exc}") from None
         if model is not None and store.model != model:
             raise ModelRefused(f"the version's store {store_path} holds vectors of model {str(store.model)[:16]}, "
                                f"not the version's {model[:16]}")
