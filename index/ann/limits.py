@@ -13,6 +13,7 @@ import numpy as np
 from imgsearch.errors import BadInput
 
 MAX_K = 10_000
+TUNED_K = 10  # the k a version's ``search_defaults`` are tuned for (``search_defaults_big_k`` has its own)
 # Several images of one product collapse to one result, so a distinct-product search first fetches
 # this many candidates per wanted product, and at least k + MIN_EXTRA_CANDIDATES.
 DISTINCT_OVERFETCH = 4
@@ -37,3 +38,13 @@ def distinct_fetch(k: int, ntotal: int) -> tuple[int, int]:
     """(first fetch, limit) for the top ``k`` distinct products of an index of ``ntotal`` vectors."""
     limit = min(ntotal, MAX_K)
     return min(limit, max(k * DISTINCT_OVERFETCH, k + MIN_EXTRA_CANDIDATES)), limit
+
+
+def defaults_for_k(manifest: dict, k: int) -> tuple[int, int]:
+    """(nprobe, rerank_factor) a search for ``k`` results uses when the caller gives none: the
+    tuned point nearer ``k`` on a log scale, ``search_defaults`` (tuned at TUNED_K) or
+    ``search_defaults_big_k`` (tuned at its own ``k``, when the build measured one)."""
+    small = manifest.get("search_defaults") or {}
+    big = manifest.get("search_defaults_big_k") or {}
+    use = big if big.get("k") and k * k >= TUNED_K * int(big["k"]) else small
+    return int(use.get("nprobe") or 1), int(use.get("rerank_factor") or 1)

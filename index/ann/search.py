@@ -27,7 +27,7 @@ import numpy as np
 
 from imgsearch.errors import BadInput
 from index.ann import integrity, versions
-from index.ann.limits import MAX_K, check_k, widen
+from index.ann.limits import MAX_K, check_k, defaults_for_k, widen
 from index.ann.merge import allowed_ids_of, along, candidates, cut, keep_filter, pad_to_k, select, top_k
 from index.ann.parts import Part, open_part, search_part, shard_files_of, want_mmap
 from index.ann.rerank import rerank_rows
@@ -62,9 +62,6 @@ class IndexVersion:
         self._trained_path = trained_path
         self._write_lock = threading.Lock()
         self._state = _State(tuple(parts), np.unique(np.asarray(tombstones, np.int64)))
-        defaults = manifest.get("search_defaults") or {}
-        self.default_nprobe = int(defaults.get("nprobe") or 1)
-        self.default_rerank = int(defaults.get("rerank_factor") or 1)
         self.nlist = int(manifest.get("nlist") or 0)
 
     # -- facts -----------------------------------------------------------------------------
@@ -121,8 +118,9 @@ class IndexVersion:
         q = self._check_queries(queries)
         k = check_k(k)
         st = self._state
-        nprobe = int(nprobe or self.default_nprobe)
-        rf = int(rerank_factor or self.default_rerank)
+        default_nprobe, default_rerank = defaults_for_k(self.manifest, k)
+        nprobe = int(nprobe or default_nprobe)
+        rf = int(rerank_factor or default_rerank)
         if nprobe < 1 or rf < 1:
             raise BadInput(f"nprobe and rerank_factor must be >= 1, got {nprobe}, {rf}")
         allowed = allowed_ids_of(category, allowed_ids, self.category_of, self.ids_of_category)

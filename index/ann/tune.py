@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from index.ann.limits import TUNED_K
 from index.ann.parts import open_part
 from index.ann.search import IndexVersion
 from index.ann.sources import DEFAULT_BLOCK, VectorSource, sample_rows
 
 log = logging.getLogger(__name__)
 
-K = 10
+K = TUNED_K
 N_QUERIES = 500
 NOISE = 0.2  # query = x + noise with |noise| ~ 0.2 |x| (cosine ~0.98 to its source)
 # Up to 64: at 1M-5M vectors 4-bit codes need 16-32x (bench_scale), and a grid that stops
@@ -45,6 +46,12 @@ TIE_RTOL = 1e-5  # float32 GEMM rounding is ~1e-6 of the terms a key is made of;
 TIE_EXACT_RTOL = 1e-9  # float64 rounding is ~1e-15: equal vectors pass, distinct ones do not
 MAX_TIES = 1024
 TIE_QUERY_CHUNK = 128  # 128 queries x a 65536-row block of float32 keys: 32 MB
+# Big k (10,000 candidates per query, the duplicate scans' and re-rankers' case) gets its own
+# operating point: the k=10 point probes far too few lists to hold 10,000 true neighbours.
+BIG_K = 10_000
+BIG_K_QUERIES = 50  # exact top-10,000 per query is dear; 50 queries x 10,000 = 500k judged ids
+BIG_K_MIN_NTOTAL = 20 * BIG_K  # below this, a big-k search is most of the catalog: not tuned
+BIG_K_RERANK_FACTORS = (1, 2, 4)  # re-ranking k * rf float16 rows dominates at big k
 
 
 def noisy_queries(source: VectorSource, n: int, seed: int, metric: str) -> np.ndarray:
@@ -202,31 +209,32 @@ def nprobe_grid(nlist: int) -> list[int]:
     return grid + [nlist] if nlist else [1]
 
 
-def cost(nprobe: int, rf: int, nlist: int, ntotal: int, reranked: bool) -> float:
+def cost(nprobe: int, rf: int, nlist: int, ntotal: int, reranked: bool, k: int = K) -> float:
     scanned = ntotal * (nprobe / nlist if nlist else 1.0)
-    return scanned + (RERANK_UNITS * K * rf if reranked else 0.0)
+    return scanned + (RERANK_UNITS * k * rf if reranked else 0.0)
 
 
 def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float, ties: list[np.ndarray] | None = None,
-         own: np.ndarray | None = None) -> dict:
-    """Cheapest (nprobe, rerank_factor) reaching ``target`` recall@10 on ``queries`` (``ties``: see
-    recall_at; ``own``: each query's own stored id, taken out of what the index returns)."""
-    fetch = K if own is None else K + 1
+         own: np.ndarray | None = None, k: int = K, factors=RERANK_FACTORS, min_nprobe: int = 1) -> dict:
+    """Cheapest (nprobe, rerank_factor) reaching ``target`` recall@k on ``queries`` (``ties``: see
+    recall_at; ``own``: each query's own stored id, taken out of what the index returns); nprobe
+    from ``min_nprobe`` up, rerank factors from ``factors``."""
+    fetch = k if own is None else k + 1
     reranked = idx.manifest.get("rerank") is not None
-    factors = RERANK_FACTORS if reranked else (1,)
+    factors = factors if reranked else (1,)
     nlist = int(idx.manifest.get("nlist") or 0)
     trials, cheapest_reached = [], np.inf  # cost of the cheapest point reaching the target so far
     for rf in factors:
         last = -1.0
-        for nprobe in nprobe_grid(nlist):
-            c = cost(nprobe, rf, nlist, idx.ntotal, reranked)
+        for nprobe in [p for p in nprobe_grid(nlist) if p >= min_nprobe] or nprobe_grid(nlist)[-1:]:
+            c = cost(nprobe, rf, nlist, idx.ntotal, reranked, k)
             if c >= cheapest_reached:
                 break  # dearer than a point that already reaches the target
             t0 = time.perf_counter()
             _, ids = idx.search(queries, fetch, nprobe=nprobe, rerank_factor=rf)
             ms = 1000 * (time.perf_counter() - t0) / len(queries)
-            ids = without_own(ids, own, K)
-            r = recall_at(ids, truth, ties=ties)
+            ids = without_own(ids, own, k)
+            r = recall_at(ids, truth, k=k, ties=ties)
             trials.append({"nprobe": nprobe, "rerank_factor": rf, "recall": round(r, 4),
                            "ms_per_query": round(ms, 4), "cost": c})
             if r >= target:
@@ -240,8 +248,8 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float, ties: list[
         best = min(reached, key=lambda t: (t["cost"], -t["recall"]))
     else:
         best = max(trials, key=lambda t: (t["recall"], -t["cost"]))
-        log.warning("target recall@10 %.3f not reached; best %.3f at nprobe=%d rerank=%d",
-                    target, best["recall"], best["nprobe"], best["rerank_factor"])
+        log.warning("target recall@%d %.3f not reached; best %.3f at nprobe=%d rerank=%d",
+                    k, target, best["recall"], best["nprobe"], best["rerank_factor"])
     return {"search_defaults": {"nprobe": best["nprobe"], "rerank_factor": best["rerank_factor"]},
             "measured_recall": best["recall"], "target_reached": bool(reached), "tuning": trials}
 
@@ -264,7 +272,30 @@ def tune_version(vdir: str, manifest: dict, source: VectorSource, target: float,
     parts = [open_part(vdir, s, manifest["dim"], False) for s in manifest["shard_files"]]
     idx = IndexVersion(vdir, draft, parts, np.empty(0, np.int64), None)
     out = tune(idx, truth.ids, queries, target, ties=truth.ties, own=own)
+    big = tune_big_k(idx, source, queries, own, metric, target, min_nprobe=out["search_defaults"]["nprobe"])
+    if big is not None:
+        out["search_defaults_big_k"] = big
     out["tuning_queries"] = query_kind
     out["recall_ties"] = "counted: a returned id at the 10th true distance is a hit"
     out["tuning_seconds"] = round(time.monotonic() - t0, 3)
     return out
+
+
+def tune_big_k(idx, source: VectorSource, queries: np.ndarray, own: np.ndarray | None, metric: str, target: float,
+               *, k: int = BIG_K, n_queries: int = BIG_K_QUERIES, min_ntotal: int = BIG_K_MIN_NTOTAL,
+               min_nprobe: int = 1) -> dict | None:
+    """The cheapest measured (nprobe, rerank_factor) reaching ``target`` recall@``k`` on the first
+    ``n_queries`` of ``queries``, as the manifest's ``search_defaults_big_k`` (``k`` and the recall
+    beside the point; the trials under ``tuning``); None for an index under ``min_ntotal`` vectors."""
+    if idx.ntotal < min_ntotal or k >= idx.ntotal:
+        return None
+    queries = queries[:n_queries]
+    own = None if own is None else own[:n_queries]
+    t0 = time.monotonic()
+    truth = ground_truth(source, queries, k, metric, own=own)
+    out = tune(idx, truth.ids, queries, target, ties=truth.ties, own=own, k=k, factors=BIG_K_RERANK_FACTORS,
+               min_nprobe=min_nprobe)
+    best = next(t for t in out["tuning"] if (t["nprobe"], t["rerank_factor"]) == tuple(out["search_defaults"].values()))
+    return {"k": k, **out["search_defaults"], "measured_recall": out["measured_recall"],
+            "target_reached": out["target_reached"], "ms_per_query": best["ms_per_query"], "queries": len(queries),
+            "tuning_seconds": round(time.monotonic() - t0, 3), "tuning": out["tuning"]}
