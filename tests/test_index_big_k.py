@@ -59,3 +59,19 @@ def test_big_k_point_reaches_the_target_on_fresh_queries(tmp_path):
     small_recall, big_recall = _recall(with_small, truth), _recall(with_big, truth)
     assert big_recall >= 0.94, (big_recall, big)
     assert small_recall < big_recall - 0.05, (small_recall, big_recall)
+
+
+def test_big_k_at_the_largest_k_tunes_with_leave_one_out_queries(tmp_path):
+    """k = MAX_K with stored rows as queries (their own row left out) cannot fetch k + 1."""
+    from index.ann.build import build_version
+    from index.ann.limits import MAX_K
+    from index.ann.search import open_index
+    from index.ann.sources import array_source
+    from index.ann.tune import leave_one_out_queries
+
+    base, _ = _glove(30_000, 0)
+    source = array_source(base, metric="ip")
+    build_version(source, str(tmp_path / "v"), factory="IVF256,PQ25x4fsr", target_recall=0.95, gpu="off")
+    own, queries = leave_one_out_queries(source, 20, 0)
+    big = tune_big_k(open_index(str(tmp_path / "v")), source, queries, own, "ip", 0.95, k=MAX_K, min_ntotal=0)
+    assert big["k"] == MAX_K and big["target_reached"], {k: v for k, v in big.items() if k != "tuning"}

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from index.ann.limits import TUNED_K
+from index.ann.limits import MAX_K, TUNED_K
 from index.ann.parts import open_part
 from index.ann.search import IndexVersion
 from index.ann.sources import DEFAULT_BLOCK, VectorSource, sample_rows
@@ -219,14 +219,19 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float, ties: list[
     """Cheapest (nprobe, rerank_factor) reaching ``target`` recall@k on ``queries`` (``ties``: see
     recall_at; ``own``: each query's own stored id, taken out of what the index returns); nprobe
     from ``min_nprobe`` up, rerank factors from ``factors``."""
-    fetch = k if own is None else k + 1
+    # One more than k leaves k once each query's own row is out; at k = MAX_K the own row, when
+    # found, costs a hit (1/k of recall: conservative).
+    fetch = k if own is None else min(k + 1, MAX_K)
     reranked = idx.manifest.get("rerank") is not None
     factors = factors if reranked else (1,)
     nlist = int(idx.manifest.get("nlist") or 0)
     trials, cheapest_reached = [], np.inf  # cost of the cheapest point reaching the target so far
     for rf in factors:
         last = -1.0
-        for nprobe in [p for p in nprobe_grid(nlist) if p >= min_nprobe] or nprobe_grid(nlist)[-1:]:
+        # Fewer lists than hold k * rf candidates leave the search's own widening to decide, so
+        # recall would not change with nprobe there and the plateau rule would stop too early.
+        holds = int(np.ceil(nlist * min(k * rf, idx.ntotal) / max(idx.ntotal, 1))) if nlist else 1
+        for nprobe in [p for p in nprobe_grid(nlist) if p >= max(min_nprobe, holds)] or nprobe_grid(nlist)[-1:]:
             c = cost(nprobe, rf, nlist, idx.ntotal, reranked, k)
             if c >= cheapest_reached:
                 break  # dearer than a point that already reaches the target
