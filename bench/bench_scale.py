@@ -1,6 +1,8 @@
-"""Scale curve on synthetic clustered 128-d vectors (bench/datasets.py ``synth-<N>``, l2, not
-normalised): build time, RAM and QPS at recall@10 >= 0.95 for each size; then k=10,000 at 1M
-(recall@10000 against exact search, per-query time); then the 1B extrapolation.
+"""Scale curve: build time, peak RSS, RAM and QPS at recall@10 >= 0.95 for each size; then
+k=10,000 at 1M (recall@10000 against exact search, per-query time); then the 1B extrapolation.
+``--dataset synth`` (default): bench/datasets.py ``synth-<N>`` (seeded Gaussian mixture, l2);
+``--dataset sift``: the real-SIFT ladder ``sift-<N>`` (uint8 base streamed from its memmap, l2),
+plus page-cache cold and warm QPS of the version opened memory-mapped.
 
 For each size: ``build_version(npy_source(...), factory=--factory)`` (auto by default), then the
 cheapest measured (nprobe, rerank_factor) reaching the target on the synthetic queries.
@@ -10,6 +12,7 @@ and the process RSS growth after ``open_index``.
     .venv/bin/python bench/bench_scale.py                        # 100k and 1M
     .venv/bin/python bench/bench_scale.py --sizes 100k,1m,5m     # + 5M (long: run in background)
     .venv/bin/python bench/bench_scale.py --factory-at '1m=IVF4096_HNSW32,PQ64x4fs'  # one size's factory
+    .venv/bin/python bench/datasets.py sift-1m && .venv/bin/python bench/bench_scale.py --dataset sift --sizes 1m
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,99 @@ from bench_index import recall, rss_bytes, run_info, timed, write_results  # noq
 K = 10
 
 
+def _status_kb(*keys: str) -> dict:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in keys:
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+class PeakRSS:
+    """Peak RSS over a block: VmHWM after resetting it (clear_refs 5), and a 0.1 s sampler of
+    RssAnon, since file-backed pages of the memory-mapped base (clean, reclaimable) count in RSS."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.anon, self._stop = 0, threading.Event()
+        self._t = threading.Thread(target=self._sample, daemon=True)
+        self._t.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.1):
+            self.anon = max(self.anon, _status_kb("RssAnon")["RssAnon"])
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.hwm = _status_kb("VmHWM")["VmHWM"]
+        return False
+
+
+def drop_cache(folder: str) -> int:
+    """Evict ``folder``'s files from the page cache (POSIX_FADV_DONTNEED: these files only, not
+    the machine's whole cache); returns the bytes advised. Mapped pages stay: close the index first."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total
+
+
+def fresh_open_rss(root: str, mmap) -> int:
+    """RSS growth of ``open_index`` in a new process: after a build, this process' freed heap is
+    reused by the open and its growth reads near zero."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from bench_index import rss_bytes; "
+            "from index.ann.search import open_index; r = rss_bytes(); idx = open_index(sys.argv[2], mmap="
+            f"{mmap!r}); print(rss_bytes() - r)")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), root],
+                         capture_output=True, text=True, check=True, cwd=str(Path(__file__).resolve().parents[1]))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def cold_warm(root: str, op: dict, q: np.ndarray, gt: np.ndarray, args) -> dict:
+    """QPS of the operating point with the version opened mmap=True: first pass right after the
+    version's files left the page cache, then warm passes."""
+    import gc
+
+    from index.ann.search import open_index
+
+    dropped = drop_cache(root)
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    idx = open_index(root, mmap=True)
+    open_s = time.perf_counter() - t0
+    rss_open = rss_bytes() - rss0
+    search = lambda x, idx=idx: idx.search(x, K, nprobe=op["nprobe"], rerank_factor=op["rerank_factor"])[1]  # noqa: E731
+    cold, ids = timed(search, q, args.batch)
+    warm = min(timed(search, q, args.batch)[0] for _ in range(args.rounds))
+    out = {"mmap": True, "dropped_bytes": dropped, "open_s": round(open_s, 3),
+           "rss_after_open_mb": round(rss_open / 2**20, 1),
+           "fresh_process_open_rss_mb": round(fresh_open_rss(root, True) / 2**20, 1), "recall": round(recall(ids, gt), 4),
+           "cold_qps": round(len(q) / cold), "warm_qps": round(len(q) / warm)}
+    del idx, search
+    gc.collect()
+    print(f"  mmap serving: open {open_s:.2f}s RSS +{rss_open / 2**20:.0f} MB; cold {out['cold_qps']} QPS, "
+          f"warm {out['warm_qps']} QPS", flush=True)
+    return out
+
+
 def bench_size(size: str, args) -> dict:
     import faiss
 
@@ -41,12 +138,14 @@ def bench_size(size: str, args) -> dict:
     from index.ann.sources import npy_source
 
     faiss.omp_set_num_threads(args.threads)
-    ds = datasets.load(f"synth-{size}")
+    ds = datasets.load(f"{args.dataset}-{size}")
     q, gt = ds.queries[: args.nq], ds.gt[: args.nq, :K]
     root = tempfile.mkdtemp(prefix=f"scale-{size}-", dir=args.workdir)
     t0 = time.perf_counter()
     factory = args.factory_at.get(size, args.factory)
-    r = build_version(npy_source(str(ds.folder / "base.npy"), metric="l2"), root, factory=factory, gpu="off")
+    # npy_source maps the file (uint8 or float32) and hands faiss one float32 block at a time.
+    with PeakRSS() as peak:
+        r = build_version(npy_source(str(ds.folder / "base.npy"), metric="l2"), root, factory=factory, gpu="off")
     build_s = time.perf_counter() - t0
     m = r.manifest
     rss0 = rss_bytes()
@@ -72,26 +171,33 @@ def bench_size(size: str, args) -> dict:
     out = {"size": size, "n": int(m["ntotal"]), "factory": m["factory"],
            "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"]), metric=m["metric"]).factory, "build_s": round(build_s, 1),
            "train_s": m["train_seconds"], "bytes_per_vector": m["bytes_per_vector"],
-           "rss_after_open_mb": round(rss_open / 2**20, 1), "operating_point": op,
+           "build_peak_rss_mb": round(peak.hwm / 2**20, 1), "build_peak_rss_anon_mb": round(peak.anon / 2**20, 1),
+           "rss_after_open_mb": round(rss_open / 2**20, 1),
+           "fresh_process_open_rss_bytes_per_vector": round(fresh_open_rss(root, "auto") / max(int(m["ntotal"]), 1), 2),
+           "operating_point": op,
            "qps": round(len(q) / best), "ms_per_query": round(1000 * best / len(q), 4), "grid": grid}
-    print(f"{size}: {m['factory']} build {build_s:.0f}s (train {m['train_seconds']:.0f}s) "
+    print(f"{size}: {m['factory']} build {build_s:.0f}s (train {m['train_seconds']:.0f}s, peak RSS "
+          f"{peak.hwm / 2**20:.0f} MB, anon {peak.anon / 2**20:.0f} MB) "
           f"RAM {m['bytes_per_vector']['ram']:.1f} B/vec, RSS +{rss_open / 2**20:.0f} MB; "
           f"nprobe={op['nprobe']} rf={op['rerank_factor']} R@10={op['recall']:.3f} QPS={out['qps']}", flush=True)
     if size == args.bigk_at:
         out["k10000"] = big_k(ds, idx, op, args)
+    if args.cold_warm:
+        del idx
+        out["mmap_serving"] = cold_warm(root, op, q, gt, args)
     shutil.rmtree(root, ignore_errors=True)
     return out
 
 
 def big_k(ds, idx, op, args) -> dict:
-    """k=10,000: recall@10000 against exact top-10000 (faiss IndexFlatL2 knn), per-query time."""
-    import faiss
-
+    """k=10,000: recall@10000 against exact top-10000 (faiss knn per base block), per-query time."""
     kk = 10_000
     q = ds.queries[: args.bigk_queries]
+    from sift_blocks import blocked_knn
+
     base = np.load(ds.folder / "base.npy", mmap_mode="r")
     t0 = time.perf_counter()
-    _, truth = faiss.knn(q, np.ascontiguousarray(base), kk)
+    _, truth = blocked_knn(q, base, kk)  # float32 blocks of the mapped base (uint8 or float32)
     exact_s = (time.perf_counter() - t0) / len(q)
     rows = []
     for nprobe, rf in args.bigk_points:
@@ -108,7 +214,11 @@ def big_k(ds, idx, op, args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=("synth", "sift"), default="synth",
+                    help="synth: synth-<N> Gaussian mixture; sift: the real-SIFT ladder sift-<N>")
     ap.add_argument("--sizes", default="100k,1m")
+    ap.add_argument("--cold-warm", action=argparse.BooleanOptionalAction, default=None,
+                    help="also measure page-cache cold/warm QPS opened mmap=True (default: on for sift)")
     ap.add_argument("--factory", default="auto")
     ap.add_argument("--factory-at", action="append", default=[], metavar="SIZE=FACTORY",
                     help="factory for one size only, e.g. '1m=IVF4096_HNSW32,PQ64x4fs' (repeatable)")
@@ -124,8 +234,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bigk-points", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
                     default=[(256, 2), (512, 2), (1024, 1), (1024, 2)], help="nprobe x rerank_factor list, e.g. 64x1,256x2")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--output", default=str(Path(__file__).resolve().parent / "results" / "bench_scale.json"))
+    ap.add_argument("--output", default=None, help="default bench/results/bench_scale[_sift].json")
     args = ap.parse_args(argv)
+    if args.output is None:
+        suffix = "" if args.dataset == "synth" else f"_{args.dataset}"
+        args.output = str(Path(__file__).resolve().parent / "results" / f"bench_scale{suffix}.json")
+    if args.cold_warm is None:
+        args.cold_warm = args.dataset == "sift"
     args.factory_at = dict(v.split("=", 1) for v in args.factory_at)
     os.environ.setdefault("IMGSEARCH_THREADS", str(args.threads))
     res = {**run_info(), "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}

