@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from imgsearch.errors import BadInput
+from index.ann import gpu as gpu_support
 from index.ann import integrity, versions
 from index.ann.limits import MAX_K, check_k, defaults_for_k, widen
 from index.ann.merge import allowed_ids_of, along, candidates, cut, keep_filter, pad_to_k, select, top_k
@@ -313,5 +314,5 @@ def open_index(index_root: str, version: str | None = None, *, mmap="auto", gpu:
                        trained if os.path.exists(trained) else None,
                        category_of=category_of, ids_of_category=ids_of_category, mmap=use_mmap)
     if gpu != "off":
-        gpu.attach(idx, required=(gpu == "on"))
+        gpu_support.attach(idx, required=(gpu == "on"))
     return idx
