@@ -39,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serve import K, TOKEN, Server, image_bodies, table  # noqa: E402
+from bench_serve import K, Server, image_bodies, table  # noqa: E402
 from serve_data import prepare_images  # noqa: E402
 
 SHARD_TOKEN = "bench-shard-token"

@@ -89,31 +89,47 @@ def catalog_sample(images: Sequence[ImageSource], limit: int = MAX_FIT_IMAGES, s
     return [images[i] for i in pick]
 
 
+class TooFewImages(BadInput):
+    """The catalog has fewer decodable images than a whitening of that dimension is fitted from."""
+
+
 def fit_catalog_net(images: Sequence[ImageSource], config: EmbedderConfig | None = None,
                     weights: str | os.PathLike | None = None, batch_size: int = 32,
                     power: float = DEFAULT_POWER, shrinkage: float = DEFAULT_SHRINKAGE) -> EmbeddingNet:
     """The pretrained trunk with a projection whitened on a seeded sample (<= 2000) of catalog ``images``.
 
-    Unsupervised: only the images, no labels. Raises BadInput when there are fewer than
-    :func:`min_fit_images` of them.
+    Unsupervised: only the images, no labels. An image that cannot be read or decoded is left out
+    (ingest rejects its row anyway). Raises :class:`TooFewImages` when fewer than
+    :func:`min_fit_images` are left; ``net.fit_images`` is how many were used.
     """
     config = config or EmbedderConfig()
     if config.projection_bn:
         raise BadInput("a whitened projection replaces the BatchNorm head; use projection_bn=False")
     sample = catalog_sample(images)
-    if len(sample) < min_fit_images(config.dim):
-        raise BadInput(f"fitting the catalog projection needs at least {min_fit_images(config.dim)} images, "
-                       f"the catalog has {len(sample)}")
+    needed = min_fit_images(config.dim)
+    if len(sample) < needed:
+        raise TooFewImages(f"fitting the catalog projection needs at least {needed} images, the catalog has {len(sample)}")
     net = EmbeddingNet.pretrained(config, weights)
     preprocess = Preprocessor(config.image_size)
-    chunks = []
+    chunks, used = [], 0
     for start in range(0, len(sample), batch_size):
-        decoded = [load_rgb(im) for im in sample[start : start + batch_size]]
-        chunks.append(pooled_features(net, preprocess(decoded)).numpy())
+        decoded = []
+        for image in sample[start : start + batch_size]:
+            try:
+                decoded.append(load_rgb(image))
+            except (BadInput, OSError):
+                continue
+        if decoded:
+            chunks.append(pooled_features(net, preprocess(decoded)).numpy())
+            used += len(decoded)
+    if used < needed:
+        raise TooFewImages(f"fitting the catalog projection needs at least {needed} images, "
+                           f"only {used} of the catalog's {len(sample)} sampled images could be decoded")
     weight, bias = fit_whitening(np.concatenate(chunks), config.dim, power, shrinkage)
     with torch.no_grad():
         net.head.projection.weight.copy_(torch.from_numpy(weight))
         net.head.projection.bias.copy_(torch.from_numpy(bias))
+    net.fit_images = used
     return net.eval()
 
 

@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "embed", help="ingest a catalog: detect, embed, store vectors and metadata")
     p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
     p.add_argument("--store", required=True, metavar="STORE", help="catalog store folder (created when missing)")
-    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint (default: pretrained MobileNetV2)")
+    p.add_argument("--model", metavar="CKPT", default=None,
+                   help="embedding checkpoint (default: the store's own model; a new store gets --projection's)")
+    p.add_argument("--projection", choices=["catalog", "fixed"], default=None,
+                   help="without --model: 'catalog' (default for a new store) fits a PCA-whitening of the pretrained "
+                        "features on the catalog's images into STORE/projection.ckpt; 'fixed' is the seeded built-in one")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images embedded per batch (default 32)")
     p.add_argument("--distributed", metavar="ray[:ADDRESS]", default=None, help="run on a Ray cluster: 'ray' starts a local one, 'ray:ADDRESS' joins a running one")
     _add_mass_delete_option(p)
@@ -128,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", default=None,
                    help="write the JSON Lines here (atomically) instead of stdout; with --vectors, a .npz name "
                         "gets the raw ids and scores arrays")
-    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for IMAGE queries")
+    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint for IMAGE queries (default: the live version's model)")
 
     p = _command(sub, "serve", help="serve the HTTP API and web page")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; CURRENT's is served")
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "copies of the store's own images for --target-precision, else 0.90 when no image file is "
                         "reachable; with --verify the candidate threshold, default 0.60)")
     p.add_argument("--model", metavar="CKPT", default=None,
-                   help="the store's embedding checkpoint, for calibrating the default threshold (default: pretrained MobileNetV2)")
+                   help="the store's embedding checkpoint, for calibrating the default threshold (default: the one the store records)")
     p.add_argument("--output", required=True, metavar="GROUPS.jsonl", help="groups file to write, one JSON object per group")
     p.add_argument("--calibrate", metavar="LABELS.jsonl", default=None,
                    help='pick the threshold from labelled product pairs ({"a", "b", "duplicate"} per line), then run')
@@ -190,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", metavar="CATALOG", help="CSV or JSONL catalog file")
     p.add_argument("--store", required=True, metavar="STORE", help="catalog store folder (created when missing)")
     p.add_argument("--index-root", required=True, metavar="INDEX_ROOT", help="folder of index versions; a validated new one becomes CURRENT")
-    p.add_argument("--model", metavar="CKPT", default=None, help="embedding checkpoint (default: pretrained MobileNetV2)")
+    p.add_argument("--model", metavar="CKPT", default=None,
+                   help="embedding checkpoint (default: the store's own model; a new store gets the catalog projection)")
     p.add_argument("--keep", type=positive_int, default=3, help="index versions kept (the live one always; default 3)")
     p.add_argument("--notify", metavar="URL,...", default=None,
                    help="servers to POST /v1/admin/reload after publishing ($IMGSEARCH_ADMIN_TOKEN)")

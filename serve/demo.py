@@ -3,13 +3,15 @@
 Every step is idempotent: a second run reuses the sample set, embeds nothing
 new (content hashes), and keeps the live index when it already holds this
 model's vectors. Without a trained checkpoint the demo serves the pretrained
-model and trains one in the background (:mod:`serve.demo_train`,
+trunk with the catalog projection (fitted once on the sample catalog, no labels: ``WORKDIR/projection.ckpt``)
+and trains a model in the background (:mod:`serve.demo_train`,
 :func:`start_trainer`); the server switches to it once its version is published.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEMO_SEED = 0
 DEMO_CHECKPOINT = "train/model.ckpt"  # `make train-demo` (or the demo's background job) writes the trained model here
+PROJECTION_CHECKPOINT = "projection.ckpt"  # the pretrained phase's model: whitened on the sample catalog
 STATUS_FILE = "train-status.json"
 
 
@@ -45,7 +48,7 @@ def prepare_demo(workdir: Path, limit_products: int | None = None) -> Demo:
     sample = build_sample_set(workdir / "sample", seed=DEMO_SEED, limit_products=limit_products)
     checkpoint = workdir / DEMO_CHECKPOINT
     checkpoint = checkpoint if checkpoint.is_file() else None
-    log.info("demo model: %s", checkpoint or "pretrained MobileNetV2 trunk with a fixed projection (training one in the background)")
+    log.info("demo model: %s", checkpoint or "pretrained MobileNetV2 trunk with the catalog projection (training one in the background)")
     model_hash = embed_and_index(workdir, checkpoint)
     return Demo(workdir / "index", store_path_of(workdir, model_hash), Path(sample.root) / "queries", checkpoint, model_hash)
 
@@ -55,10 +58,13 @@ def store_path_of(workdir: Path, model_hash: str) -> Path:
 
 
 def embed_and_index(workdir: Path, checkpoint: Path | None, on_build=None) -> str:
-    """Embed the demo catalog with ``checkpoint``'s model (None: pretrained) into that model's
-    store and make a version of it live in ``workdir/index``; returns the model's hash."""
+    """Embed the demo catalog with ``checkpoint``'s model (None: the pretrained trunk with the catalog
+    projection, or the fixed one for a catalog too small to fit it) into that model's store and make
+    a version of it live in ``workdir/index``; returns the model's hash."""
     from embed.pipeline import load_pipeline
 
+    if checkpoint is None:
+        checkpoint = catalog_projection(workdir)
     pipeline = load_pipeline(str(checkpoint) if checkpoint else None)
     store_path = store_path_of(workdir, pipeline.model_hash)
     with CatalogStore.create_or_open(store_path, dim=pipeline.dim) as store:
@@ -69,6 +75,22 @@ def embed_and_index(workdir: Path, checkpoint: Path | None, on_build=None) -> st
             on_build()
         _ensure_index(store, workdir / "index", pipeline.model_hash)
     return pipeline.model_hash
+
+
+def catalog_projection(workdir: Path) -> Path | None:
+    """``workdir/projection.ckpt``, fitted on the sample catalog unless it already was on this very
+    catalog (a second demo reuses it: same model, nothing embedded again); None: too few images."""
+    from index.jobs.embed_model import catalog_sha256, fit_projection
+
+    catalog, path = workdir / "sample" / "catalog.csv", workdir / PROJECTION_CHECKPOINT
+    try:
+        fitted_on = json.loads(path.with_name(path.name + ".json").read_text())["projection"]["catalog_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fitted_on = None
+    if path.is_file() and fitted_on == catalog_sha256(catalog):
+        return path
+    fitted = fit_projection(catalog, path, command="demo", hint="")
+    return None if fitted is None else Path(fitted)
 
 
 def start_trainer(workdir: Path, url: str, extra_args: list[str] | None = None) -> subprocess.Popen:

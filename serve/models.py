@@ -52,7 +52,20 @@ class Backend:
 
     @property
     def kind(self) -> str:
-        return "pretrained" if self.checkpoint is None else "trained"
+        return model_kind(self.checkpoint)
+
+
+def model_kind(checkpoint: str | None) -> str:
+    """``GET /v1/model``'s ``kind``: "pretrained" (the built-in model), "catalog" (the pretrained
+    trunk with a projection fitted on the catalog, no labels: its checkpoint's config beside it,
+    ``<ckpt>.json``, says ``projection``), else "trained"."""
+    if checkpoint is None:
+        return "pretrained"
+    try:
+        config = json.loads(Path(str(checkpoint) + ".json").read_text())
+    except (OSError, ValueError):
+        return "trained"
+    return "catalog" if isinstance(config, dict) and "projection" in config else "trained"
 
 
 def default_pipeline_loader(checkpoint: str | None):

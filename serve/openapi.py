@@ -18,7 +18,14 @@ import imgsearch
 from embed.image_io import DEFAULT_MAX_PIXELS, BadImage, ImageTooLarge
 from index.ann.limits import MAX_K
 from serve.products import CONTROL_CHARACTERS, MAX_METADATA_BYTES, MAX_PRODUCT_ID, PRODUCT_FIELDS
-from serve.requests import BOX_LENGTH, DEFAULT_K, FLOAT32_MAX, MAX_CATEGORY_LENGTH, SEARCH_FIELDS_FORM, SEARCH_FIELDS_JSON
+from serve.requests import (
+    BOX_LENGTH,
+    DEFAULT_K,
+    FLOAT32_MAX,
+    MAX_CATEGORY_LENGTH,
+    SEARCH_FIELDS_FORM,
+    SEARCH_FIELDS_JSON,
+)
 from serve.shards import DEFAULT_SHARD_TOKEN_ENV, MAX_SHARD_CANDIDATES, MAX_SHARD_ROWS, SHARD_SEARCH_FIELDS
 from serve.worker import head_limits
 

@@ -33,6 +33,7 @@ from serve.decode_budget import DecodeBudget
 from serve.errors import ApiError
 from serve.image_files import read_verified
 from serve.live import LiveIndex, LiveVersions, run_search
+from serve.models import model_kind
 from serve.requests import SearchRequest, check_box_inside
 from serve.updates import UpdateLog
 
@@ -191,7 +192,7 @@ class SearchService:
             checkpoint = manifest.get("model_checkpoint", "")  # "" when not recorded
             kind = "unknown"
             if model is not None and model == manifest.get("model") and checkpoint != "":
-                kind = "pretrained" if checkpoint is None else "trained"
+                kind = model_kind(checkpoint)
         return {"model": model, "kind": kind, "index_version": live.version if live is not None else None,
                 "index_model": manifest.get("model")}
 

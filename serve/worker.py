@@ -36,12 +36,11 @@ import threading
 import time
 
 import gunicorn
+from gunicorn.config import Config as GunicornConfig
 from gunicorn.http import errors as http_errors
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
-
-from gunicorn.config import Config as GunicornConfig
 
 from serve.errors import ClientTooSlow
 

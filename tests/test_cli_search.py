@@ -111,8 +111,8 @@ def test_image_query_scores_stay_cosines(tmp_path, capsys):
     (the witness below); the CLI and the HTTP answer report a cosine in [-1, 1], still first."""
     import io
 
-    from index.ann.search import open_index
     from embed.pipeline import load_pipeline
+    from index.ann.search import open_index
     from serve.app import create_app
     from serve.service import SearchService
     from tests.test_embed_command import embedded_photo_catalog  # torch: only for this test

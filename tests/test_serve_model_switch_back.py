@@ -54,3 +54,15 @@ def test_a_switch_back_reuses_the_open_stores(tmp_path, models):
     finally:
         own.close()
         b.store.close()
+
+
+def test_model_kind_names_the_catalog_projection(tmp_path, models):
+    """/v1/model's kind: the built-in model, a projection fitted on the catalog, or a trained one."""
+    from embed.model import EmbeddingNet
+    from embed.whitening import save_projection
+    from serve.models import model_kind
+
+    _, _, trained = models
+    save_projection(EmbeddingNet.pretrained(), tmp_path / "projection.ckpt", {"images": 300})
+    assert model_kind(None) == "pretrained" and model_kind(trained) == "trained"
+    assert model_kind(str(tmp_path / "projection.ckpt")) == "catalog"

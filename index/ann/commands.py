@@ -180,7 +180,11 @@ def _image_answers(args, idx, store):
 
     from embed.pipeline import best_cosines, load_pipeline
 
-    pipeline = load_pipeline(getattr(args, "model", None))
+    # No --model: the live version's own model (its manifest's checkpoint), as `serve` does.
+    spec = getattr(args, "model", None) or idx.manifest.get("model_checkpoint")
+    if spec and not os.path.isfile(spec):
+        raise JobFailed(f"version {idx.version} was embedded with {spec!r}, which is missing; give --model CKPT")
+    pipeline = load_pipeline(spec)
     indexed_model = idx.manifest.get("model")
     if indexed_model and indexed_model != pipeline.model_hash:
         log.warning("version %s was embedded by model %s but queries use %s: scores are not comparable",

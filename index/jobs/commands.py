@@ -18,6 +18,7 @@ from index.ann import versions
 from index.ann.factory import parse_bytes
 from index.jobs import dedup, dedup_calibration
 from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
+from index.jobs.embed_model import choose_embed_model, resolve_embed_checkpoint
 from index.jobs.rebuild import RebuildConfig, run_rebuild
 from index.store import CatalogStore
 from index.store.ingest import ingest_catalog
@@ -47,7 +48,9 @@ def rebuild_command(args) -> int:
     except versions.IndexRootLocked as exc:
         print(f"imgsearch rebuild: another writer of INDEX_ROOT is running (pid {exc.pid}); this run does nothing")
         return 0
-    pipeline = load_pipeline(args.model, batch_size=args.batch_size)
+    # No --model: the store's own model, or for a new store the catalog projection, as `imgsearch embed`.
+    cfg.model_spec = resolve_embed_checkpoint(cfg.catalog, cfg.store, args.model, None, args.batch_size, "rebuild")
+    pipeline = load_pipeline(cfg.model_spec, batch_size=args.batch_size)
     result = run_rebuild(cfg, pipeline)
     print(f"imgsearch rebuild: {result.line()}")
     return 0
@@ -117,7 +120,9 @@ def _calibrate_on_planted_copies(store, args, cfg) -> dict:
     else:
         from embed.pipeline import load_pipeline
 
-        pipeline = load_pipeline(getattr(args, "model", None))
+        # No --model: the checkpoint the store records (None: the built-in model).
+        model = getattr(args, "model", None)
+        pipeline = load_pipeline(store.model_checkpoint if model is None else model)
         if store.model is not None and store.model != pipeline.model_hash:
             calibration = dc.fallback(f"the store was embedded with model {store.model[:16]}, not "
                                       f"{pipeline.model_hash[:16]}; give --model CKPT or --threshold")
@@ -144,26 +149,31 @@ def embed_distributed(args) -> int:
 
     address = parse_distributed(args.distributed)
     check_dir_creatable(args.store)
-    pipeline = load_pipeline(args.model, batch_size=args.batch_size)
+    checkpoint = resolve_embed_checkpoint(args.catalog, args.store, args.model, getattr(args, "projection", None),
+                                          args.batch_size)
+    pipeline = load_pipeline(checkpoint, batch_size=args.batch_size)
     summary = distributed_ingest(args.catalog, args.store, pipeline, address, batch_size=args.batch_size,
-                                 model_spec=args.model, allow_mass_delete=getattr(args, "allow_mass_delete", False))
+                                 model_spec=checkpoint, allow_mass_delete=getattr(args, "allow_mass_delete", False))
     print(f"imgsearch embed: {summary.line()}")
     return 0
 
 
 def embed_command(args) -> int:
     """``imgsearch embed CATALOG --store STORE``: catalog rows -> detect -> crop -> vectors -> the store."""
+    projection = getattr(args, "projection", None)
+    choose_embed_model(args.store, args.model, projection)  # conflicting flags: exit 2 before any work
     if args.distributed:
         return embed_distributed(args)
     from embed.pipeline import load_pipeline
 
-    check_dir_creatable(args.store)  # before the model loads
-    pipeline = load_pipeline(args.model, batch_size=args.batch_size)
+    check_dir_creatable(args.store)  # before the model loads or a projection is fitted
+    checkpoint = resolve_embed_checkpoint(args.catalog, args.store, args.model, projection, args.batch_size)
+    pipeline = load_pipeline(checkpoint, batch_size=args.batch_size)
     log.info("embedding with model %s (runtime %s, detector %s)", pipeline.model_hash[:16], pipeline.embedder.runtime,
              pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
     with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
         summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=True,
                                  model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False),
-                                 model_checkpoint=args.model)
+                                 model_checkpoint=checkpoint)
     print(f"imgsearch embed: {summary.line()}")
     return 0

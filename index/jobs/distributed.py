@@ -31,8 +31,8 @@ import numpy as np
 
 from embed.image_io import decode_image
 from imgsearch.errors import BadInput, NotImplementedYet
-from index.ann import versions
 from imgsearch.progress import Progress
+from index.ann import versions
 from index.ann.build import build_shard, build_version
 from index.ann.search import open_index
 from index.ann.sources import DEFAULT_BLOCK, store_source

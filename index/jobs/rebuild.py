@@ -82,7 +82,9 @@ class RebuildConfig:
     force: bool = False
     seed: int = 0
     distributed: str | None = None  # "ray" or "ray:ADDRESS"
-    model_spec: str | None = None  # the --model checkpoint (Ray workers load it themselves)
+    # The checkpoint embedded with (Ray workers load it themselves): --model, else the one the store records
+    # (index.jobs.embed_model resolves it); None: the built-in model.
+    model_spec: str | None = None
     allow_mass_delete: bool = False  # let ingest delete over ownership.MASS_DELETE_FRACTION of the store
     memory_budget: int | None = None  # --ram-budget in bytes: what the new version may hold in RAM
 
