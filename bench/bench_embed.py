@@ -8,7 +8,8 @@ Prints three tables:
    gallery = every product's catalog shot); "R@1 mix" searches this runtime's query vectors
    against the fp32 (eager) catalog, as int8 queries would search a catalog embedded in fp32.
    The int8 runtime (ONNX Runtime QDQ) is calibrated on train products only: their catalog shots
-   plus one pasted-into-a-photo crop each (300 images at --products 200), never the held-out ones;
+   plus one pasted-into-a-photo crop each (300 images at --products 200), never the held-out ones,
+   16 images per calibration pass (embed/quantize.py; "build s" includes it unless the graph was cached);
 2. detector latency per photo (SSDlite vs Faster R-CNN on the same MobileNetV2 trunk);
 3. the shared-trunk alternative: RoI-pooled features of one whole-photo trunk pass vs crop -> re-embed.
 
@@ -41,6 +42,7 @@ from embed.detector import DetectorConfig, ProductDetector  # noqa: E402
 from embed.image_io import decode_image  # noqa: E402
 from embed.pipeline import crop_with_margin, load_embedder  # noqa: E402
 from embed.preprocess import Preprocessor  # noqa: E402
+from embed.quantize import CALIBRATION_CHUNK  # noqa: E402
 from embed.torchvision_compat import torchvision  # noqa: E402
 from imgsearch import assets  # noqa: E402
 from imgsearch.argtypes import positive_int  # noqa: E402
@@ -167,7 +169,8 @@ def main() -> int:
         print(f"{'embedder ' + name:<34}{build_s:8.1f}{rate:8.1f}{rate / base_rate:8.2f}{ms_one:7.1f}{dev:10.2e}{cos:9.4f}{r1:7.3f}{mixed:8.3f}")
         rows.append({"runtime": name, "build_s": build_s, "images_per_s": rate, "x_plain": rate / base_rate, "ms_at_1": ms_one,
                      "max_abs_dv": float(dev), "min_cos": float(cos), "recall_at_1": r1, "recall_at_1_mixed_fp32_catalog": mixed,
-                     "rounds_images_per_s": rates[name]})
+                     "rounds_images_per_s": rates[name]}
+                    | ({"int8_graph_source": embedder.runner.source, "calibration_chunk": CALIBRATION_CHUNK} if name == "int8" else {}))
     summary = int8_summary(rows)
     result = {"command": " ".join(["bench/bench_embed.py", *sys.argv[1:]]), "model": args.checkpoint or "pretrained",
               "products": len(gallery), "queries": len(queries), "calibration_images": len(calibration), "threads": THREADS,

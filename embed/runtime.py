@@ -18,8 +18,10 @@ same busy machine (interleaved rounds, batch 32): 193 vs 88 img/s (2.19x),
 R@1 0.733 vs 0.727, int8 queries against an fp32 catalog 0.713 (-0.013); mean
 cosine to fp32 0.979. MinMax calibration: 2.27x but R@1 0.700 (-0.027); s8
 activations leave 15 Convs unfused in float (1.2x). The torch FX int8 runner it
-replaces ran 5.03x plain but lost 0.21 R@1 (0.513). Quantizing 300 images takes
-~2.5 min and ~17 GB (cached after, like the fp32 export), so int8 stays opt-in.
+replaces ran 5.03x plain but lost 0.21 R@1 (0.513). Calibration runs 16 images
+per pass (one pass over all 300 peaked at ~18 GB): 300 images take ~1 min and
+1.8 GB peak RSS (``bench/bench_int8_calibration.py``); the graph is cached
+after, like the fp32 export. int8 stays opt-in.
 
 So ``auto`` on a CPU is ONNX Runtime when ``onnxruntime`` and ``onnx`` are
 installed (optional extra), else the oneDNN TorchScript runner, else eager.

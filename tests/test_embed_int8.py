@@ -5,13 +5,19 @@ of others; queries: those products pasted into real background photos and
 cropped, as a shopper's photo would be. Accuracy numbers: bench/bench_embed.py.
 """
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import embed.runtime as runtime
 from embed.pipeline import crop_with_margin, load_embedder
-from embed.quantize import QuantSettings, calibration_digest
+from embed.quantize import CALIBRATION_CHUNK, QuantSettings, calibration_digest, calibration_ranges
+from embed.runtime import OnnxModel
 from imgsearch.errors import BadInput
 from imgsearch.sample_data.products import catalog_shot, list_products, load_cutout
 from imgsearch.sample_data.scenes import list_backgrounds, render_scene
@@ -93,6 +99,71 @@ def test_a_damaged_int8_cache_file_is_replaced(embedders, photos, caplog):
     assert path.stat().st_size == len(good)
 
 
+def test_chunked_calibration_ranges_match_one_call_over_all_images(embedders, photos):
+    """Chunked histograms keep the first chunk's bin width, so a percentile cut may move by up to ~2 one-call bins.
+
+    Measured (bench/bench_int8_calibration.py, 64 images): chunks of 8/16/32 vs one call, at most 1.26/1.95/1.95
+    bins of 2 * max|x| / 2048, half the tensors identical; here (32 images, chunks of 8) 1.16.
+    """
+    fp32 = embedders[0]
+    images = fp32.preprocess(photos[0] + photos[1]).numpy()  # 32 real product photos
+    net = fp32.net
+    graph = OnnxModel("embedder", net, torch.zeros(2, *images.shape[1:]), ["vectors"], net.config.to_dict()).graph
+    single = calibration_ranges(graph, images, chunk=len(images))
+    chunked = calibration_ranges(graph, images, chunk=8)  # 4 collect_data calls
+    ragged = calibration_ranges(graph, images[:27], chunk=8)  # a short last chunk is used, not dropped or fatal
+    assert set(chunked) == set(single) and set(ragged) == set(single) and len(single) > 50
+    deviations = []
+    for name, (lo, hi) in single.items():
+        bin_width = 2 * max(abs(lo), abs(hi)) / 2048
+        deviations.append(max(abs(chunked[name][0] - lo), abs(chunked[name][1] - hi)) / max(bin_width, 1e-12))
+    print("max deviation in one-call bins", max(deviations), "median", np.median(deviations))
+    assert max(deviations) <= 2.5, max(deviations)
+    minmax = calibration_ranges(graph, images, QuantSettings(method="minmax"), chunk=len(images))
+    minmax_chunked = calibration_ranges(graph, images, QuantSettings(method="minmax"), chunk=5)
+    for name, (lo, hi) in minmax.items():  # min/max merge exactly
+        assert minmax_chunked[name] == pytest.approx((lo, hi), rel=1e-6, abs=1e-7)
+
+
+QUANTIZE_IN_A_FRESH_PROCESS = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import embed.quantize as quantize
+
+    def peak_kb():  # VmHWM, not ru_maxrss: that one keeps the forking pytest process's peak across exec
+        return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
+    quantize.CALIBRATION_CHUNK = 4
+    graph, images = open(sys.argv[1], "rb").read(), np.load(sys.argv[2])
+    before = peak_kb()
+    data = quantize.quantize_graph(graph, images)
+    assert len(data) > 1000
+    print("GROWTH_MB", (peak_kb() - before) / 1024)
+""")
+
+
+def test_quantizing_holds_one_chunk_of_activations_not_the_whole_calibration_set(embedders, photos, tmp_path):
+    """Measured: ~60 MB of activations per 224 px image per collect_data call; one call over these 48 images
+    grows peak RSS by ~3.1 GB, chunks of 4 by ~0.36 GB."""
+    fp32 = embedders[0]
+    images = fp32.preprocess((photos[0] + photos[1]) * 2)[:48].numpy()
+    net = fp32.net
+    graph = OnnxModel("embedder", net, torch.zeros(2, *images.shape[1:]), ["vectors"], net.config.to_dict()).graph
+    (tmp_path / "fp32.onnx").write_bytes(graph)
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run([sys.executable, "-c", QUANTIZE_IN_A_FRESH_PROCESS, str(tmp_path / "fp32.onnx"),
+                           str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    growth = float(proc.stdout.split("GROWTH_MB")[-1])
+    print("quantize_graph RSS growth, MB:", growth)
+    assert growth < 1200, growth
+
+
+def test_calibration_chunk_is_part_of_the_cache_key():
+    assert QuantSettings().to_dict()["chunk"] == CALIBRATION_CHUNK
+
+
 def test_int8_cache_key_follows_calibration_set_and_settings(photos, embedders):
     images = embedders[0].preprocess(photos[0]).numpy()
     digest = calibration_digest(images)
@@ -119,3 +190,5 @@ def test_bad_settings_and_missing_calibration_are_clear_errors():
         QuantSettings(activations="fp8")
     with pytest.raises(BadInput, match="calibration"):
         load_embedder(None, device="cpu", runtime="int8", calibration=[])
+    with pytest.raises(BadInput, match="chunk"):
+        calibration_ranges(b"", np.zeros((1, 3, 8, 8), np.float32), chunk=0)
