@@ -104,6 +104,9 @@ def main() -> int:
     parser.add_argument("--fresh", default="/tmp/fresh-demo")
     parser.add_argument("--port", type=int, default=8093)
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--first-phase-only", action="store_true",
+                        help="stop after the first model's recall (no waiting for the background training)")
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "bench_demo.json"))
     args = parser.parse_args()
     fresh = Path(args.fresh)
     subprocess.run(["rm", "-rf", str(fresh)], check=True)
@@ -113,7 +116,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{args.port}"
     log = fresh / "demo.log"
     result: dict = {"command": " ".join(sys.argv), "host": platform.node(), "cpus": os.cpu_count(),
-                    "note": "2 CPU cores shared with other engineers' test runs and a concurrent `make train-demo`"}
+                    "date": time.strftime("%Y-%m-%d"), "load_at_start": os.getloadavg()[0]}
 
     t0 = time.monotonic()
     proc = start(fresh, args.port, log)
@@ -121,6 +124,10 @@ def main() -> int:
     first = model(base)
     result["pretrained"] = {"model": first and first["model"], "kind": first and first["kind"],
                             **recall(base, fresh / "demo-data" / "sample")}
+    if args.first_phase_only:
+        result["stop_s"] = round(stop(proc), 1)
+        result["trainers_left_after_stop"] = len(trainer_pids(fresh))
+        return finish(result, Path(args.output))
     timeline = []
     while time.monotonic() - t0 < args.timeout_s:
         body = model(base) or {}
@@ -150,7 +157,10 @@ def main() -> int:
                                 "trainers": len(trainer_pids(fresh))}
     finally:
         stop(proc)
-    out = REPO / "bench" / "results" / "bench_demo.json"
+    return finish(result, Path(args.output))
+
+
+def finish(result: dict, out: Path) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=1))
     return 0
