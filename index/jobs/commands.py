@@ -18,7 +18,7 @@ from index.ann import versions
 from index.ann.factory import parse_bytes
 from index.jobs import dedup, dedup_calibration
 from index.jobs.distributed import distributed_dedup, distributed_ingest, parse_distributed
-from index.jobs.embed_model import choose_embed_model, resolve_embed_checkpoint
+from index.jobs.embed_model import resolve_embed_checkpoint
 from index.jobs.rebuild import RebuildConfig, run_rebuild
 from index.store import CatalogStore
 from index.store.ingest import ingest_catalog
@@ -143,37 +143,27 @@ def _calibrate_on_planted_copies(store, args, cfg) -> dict:
     return calibration
 
 
-def embed_distributed(args) -> int:
-    """``imgsearch embed --distributed ray[:ADDRESS]``."""
+def embed_command(args) -> int:
+    """``imgsearch embed CATALOG --store STORE [--distributed ray[:ADDRESS]]``: catalog rows -> detect ->
+    crop -> vectors -> the store."""
     from embed.pipeline import load_pipeline
 
-    address = parse_distributed(args.distributed)
-    check_dir_creatable(args.store)
+    address = parse_distributed(args.distributed) if args.distributed else None
+    check_dir_creatable(args.store)  # before the model loads or a projection is fitted
     checkpoint = resolve_embed_checkpoint(args.catalog, args.store, args.model, getattr(args, "projection", None),
                                           args.batch_size)
     pipeline = load_pipeline(checkpoint, batch_size=args.batch_size)
-    summary = distributed_ingest(args.catalog, args.store, pipeline, address, batch_size=args.batch_size,
-                                 model_spec=checkpoint, allow_mass_delete=getattr(args, "allow_mass_delete", False))
-    print(f"imgsearch embed: {summary.line()}")
-    return 0
-
-
-def embed_command(args) -> int:
-    """``imgsearch embed CATALOG --store STORE``: catalog rows -> detect -> crop -> vectors -> the store."""
-    projection = getattr(args, "projection", None)
-    choose_embed_model(args.store, args.model, projection)  # conflicting flags: exit 2 before any work
-    if args.distributed:
-        return embed_distributed(args)
-    from embed.pipeline import load_pipeline
-
-    check_dir_creatable(args.store)  # before the model loads or a projection is fitted
-    checkpoint = resolve_embed_checkpoint(args.catalog, args.store, args.model, projection, args.batch_size)
-    pipeline = load_pipeline(checkpoint, batch_size=args.batch_size)
+    allow_mass_delete = getattr(args, "allow_mass_delete", False)
+    if address is not None:
+        summary = distributed_ingest(args.catalog, args.store, pipeline, address, batch_size=args.batch_size,
+                                     model_spec=checkpoint, allow_mass_delete=allow_mass_delete)
+        print(f"imgsearch embed: {summary.line()}")
+        return 0
     log.info("embedding with model %s (runtime %s, detector %s)", pipeline.model_hash[:16], pipeline.embedder.runtime,
              pipeline.detector.config.arch if pipeline.detector is not None else "none: whole images")
     with CatalogStore.create_or_open(args.store, dim=pipeline.embedder.dim) as store:
         summary = ingest_catalog(args.catalog, store, pipeline.embed_catalog, args.batch_size, progress=True,
-                                 model=pipeline.model_hash, allow_mass_delete=getattr(args, "allow_mass_delete", False),
+                                 model=pipeline.model_hash, allow_mass_delete=allow_mass_delete,
                                  model_checkpoint=checkpoint)
     print(f"imgsearch embed: {summary.line()}")
     return 0

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 PROJECTION_FILE = "projection.ckpt"
 PROJECTIONS = ("catalog", "fixed")
-DEFAULT_PROJECTION = "catalog"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +76,6 @@ def choose_embed_model(store_path: str | os.PathLike, model: str | None, project
     if recorded is not None and recorded[1] is not None and Path(recorded[1]) == own and own.is_file():
         return ModelChoice(str(own), why="the store's catalog projection")
     return ModelChoice(str(own), fit=True, why="catalog projection")
-
-
-def store_checkpoint(store_path: str | os.PathLike, model: str | None) -> str | None:
-    """``--model`` when given, else the checkpoint the store records (None: the built-in model, or no store)."""
-    if model is not None:
-        return model
-    recorded = recorded_model(store_path)
-    return None if recorded is None else recorded[1]
 
 
 def catalog_images(catalog: str | os.PathLike) -> list[Path]:
