@@ -19,9 +19,9 @@ import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
 from imgsearch.progress import Progress
+from index.ann import coarse, integrity, versions
 from index.ann import factory as factory_mod
 from index.ann import gpu as gpu_mod
-from index.ann import integrity, versions
 from index.ann import tune as tune_mod
 from index.ann.gpu import gpu_count
 from index.ann.parts import shard_prefix
@@ -62,17 +62,26 @@ def supports_ids(index) -> bool:
         return False
 
 
-def train_index(factory: str, dim: int, metric: str, sample: np.ndarray, gpu: str = "off"):
-    """The empty trained index for ``factory`` (wrapped in IDMap when it lacks own ids)."""
+def train_index(factory: str, dim: int, metric: str, sample: np.ndarray, gpu: str = "off",
+                seed: int = 0, notes: dict | None = None):
+    """The empty trained index for ``factory`` (wrapped in IDMap when it lacks own ids).
+    ``notes`` (when given) receives how the coarse quantizer was trained."""
     index = factory_mod.validate_factory(factory, dim, metric)
     if not supports_ids(index):
         index = faiss.IndexIDMap(index)
     if not index.is_trained:
-        if gpu != "off":
-            gpu_mod.use_gpu_for_training(index, required=(gpu == "on"))
         t0 = time.monotonic()
-        index.train(sample)
-        log.info("trained %r on %d vectors in %.1fs", factory, len(sample), time.monotonic() - t0)
+        if coarse.wants_two_level(index, gpu):
+            coarse.train_two_level(index, sample, metric == "ip", seed)
+            method = f"two-level k-means (>= {coarse.TWO_LEVEL_FROM} lists on CPU)"
+        else:
+            if gpu != "off":
+                gpu_mod.use_gpu_for_training(index, required=(gpu == "on"))
+            index.train(sample)
+            method = "faiss k-means" + (" on GPU" if gpu != "off" else "")
+        if notes is not None:
+            notes["coarse_training"] = method
+        log.info("trained %r on %d vectors (%s) in %.1fs", factory, len(sample), method, time.monotonic() - t0)
     return index
 
 
@@ -265,7 +274,8 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
     # Shared build machines: IMGSEARCH_THREADS caps faiss' OpenMP threads.
     if os.environ.get("IMGSEARCH_THREADS"):
         faiss.omp_set_num_threads(int(os.environ["IMGSEARCH_THREADS"]))
-    trained = train_index(choice.factory, source.dim, metric, sample, gpu)
+    notes: dict = {}
+    trained = train_index(choice.factory, source.dim, metric, sample, gpu, seed, notes)
     del sample
     trained_path = os.path.join(staging, TRAINED)
     _write_index(trained, trained_path)
@@ -296,7 +306,7 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
         "train_seconds": round(train_seconds, 3),
         "build_config": {"factory": choice.factory, "shards": shards, "metric": metric, "gpu": gpu,
                          "seed": seed, "block_size": DEFAULT_BLOCK, "source": source.description,
-                         "train_size": int(min(size, source.n))},
+                         "train_size": int(min(size, source.n)), **notes},
     }
 
 
