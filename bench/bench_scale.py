@@ -180,8 +180,18 @@ def bench_size(size: str, args) -> dict:
           f"{peak.hwm / 2**20:.0f} MB, anon {peak.anon / 2**20:.0f} MB) "
           f"RAM {m['bytes_per_vector']['ram']:.1f} B/vec, RSS +{rss_open / 2**20:.0f} MB; "
           f"nprobe={op['nprobe']} rf={op['rerank_factor']} R@10={op['recall']:.3f} QPS={out['qps']}", flush=True)
-    if size == args.bigk_at:
-        out["k10000"] = big_k(ds, idx, op, args)
+    _, at_defaults = idx.search(q, K)  # the manifest's own search_defaults, as a user searches
+    out["tuner"] = {"measured_recall": m["measured_recall"], "search_defaults": m["search_defaults"],
+                    "held_out_recall": round(recall(at_defaults, gt), 4),
+                    "tuning_queries": m.get("tuning_queries"), "coarse_training": m["build_config"].get("coarse_training")}
+    print(f"  tuner: measured_recall {m['measured_recall']:.3f} at {m['search_defaults']}, held-out queries "
+          f"{out['tuner']['held_out_recall']:.3f}", flush=True)
+    if args.peers:
+        flat = exact_index(ds)
+        out["peers"] = peers(idx, r.path, m, flat, ds, op, q, gt, args)
+    if size in args.bigk_at.split(","):
+        out["k10000"] = big_k(ds, idx, op, args, flat if args.peers else None)
+    flat = None
     if args.cold_warm:
         del idx
         out["mmap_serving"] = cold_warm(root, op, q, gt, args)
@@ -189,18 +199,73 @@ def bench_size(size: str, args) -> dict:
     return out
 
 
-def big_k(ds, idx, op, args) -> dict:
-    """k=10,000: recall@10000 against exact top-10000 (faiss knn per base block), per-query time."""
+def exact_index(ds):
+    """The exact peer: an in-RAM IndexFlatL2 over the whole base, filled block by block."""
+    import faiss
+
+    base = np.load(ds.folder / "base.npy", mmap_mode="r")
+    flat = faiss.IndexFlatL2(base.shape[1])
+    for a in range(0, len(base), 1_000_000):
+        flat.add(np.ascontiguousarray(base[a:a + 1_000_000], np.float32))
+    return flat
+
+
+def peers(idx, path: str, m: dict, flat, ds, op: dict, q: np.ndarray, gt: np.ndarray, args) -> dict:
+    """imgsearch, raw faiss over the same shard file (IndexRefine with an fp16 copy, the same
+    nprobe and k_factor) and exact search on a query sample, timed in interleaved rounds."""
+    import faiss
+
+    shard = m["shard_files"][0]
+    raw = faiss.read_index(os.path.join(path, shard["index"]))
+    rows_to_ids = np.fromfile(os.path.join(path, shard["ids"]), dtype=np.int64)
+    base = np.load(ds.folder / "base.npy", mmap_mode="r")
+    sq = faiss.IndexScalarQuantizer(base.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    for a in range(0, len(rows_to_ids), 1_000_000):
+        sq.add(np.ascontiguousarray(base[rows_to_ids[a:a + 1_000_000]], np.float32))
+    ivf = faiss.extract_index_ivf(raw)
+    ivf.nprobe = op["nprobe"]
+    coarse_q = faiss.downcast_index(ivf.quantizer)
+    if isinstance(coarse_q, faiss.IndexHNSW):
+        coarse_q.hnsw.efSearch = max(2 * op["nprobe"], 16)  # as imgsearch's search_params
+    refine = faiss.IndexRefine(raw, sq)
+    refine.k_factor = op["rerank_factor"]
+    qe, gte = q[: args.exact_queries], gt[: args.exact_queries]
+    methods = {
+        "imgsearch": (lambda x: idx.search(x, K, nprobe=op["nprobe"], rerank_factor=op["rerank_factor"])[1], q, gt),
+        "faiss raw": (lambda x: rows_to_ids[refine.search(x, K)[1]], q, gt),
+        "exact": (lambda x: flat.search(x, K)[1], qe, gte),
+    }
+    best, recs = {k: float("inf") for k in methods}, {}
+    for _ in range(args.rounds):
+        for name, (fn, qq, gg) in methods.items():
+            dt, ids = timed(fn, qq, args.batch)
+            best[name], recs[name] = min(best[name], dt / len(qq)), recall(ids, gg)
+    out = {name: {"recall": round(recs[name], 4), "ms_per_query": round(1000 * best[name], 4),
+                  "qps": round(1 / best[name]), "queries": len(methods[name][1])} for name in methods}
+    out["imgsearch_vs_raw_qps"] = round(best["faiss raw"] / best["imgsearch"], 3)
+    out["imgsearch_vs_exact_qps"] = round(best["exact"] / best["imgsearch"], 1)
+    print("  peers: " + ", ".join(f"{k} R@10 {v['recall']:.3f} {v['qps']} QPS" for k, v in out.items()
+                                  if isinstance(v, dict)), flush=True)
+    return out
+
+
+def big_k(ds, idx, op, args, flat=None) -> dict:
+    """k=10,000: recall@10000 against exact top-10000, per-query time. With ``flat`` (the in-RAM
+    exact peer) that is both the truth and the exact time; else faiss knn per base block."""
     kk = 10_000
     q = ds.queries[: args.bigk_queries]
     from sift_blocks import blocked_knn
 
-    base = np.load(ds.folder / "base.npy", mmap_mode="r")
     t0 = time.perf_counter()
-    _, truth = blocked_knn(q, base, kk)  # float32 blocks of the mapped base (uint8 or float32)
+    if flat is not None:
+        _, truth = flat.search(q, kk)
+    else:
+        _, truth = blocked_knn(q, np.load(ds.folder / "base.npy", mmap_mode="r"), kk)
     exact_s = (time.perf_counter() - t0) / len(q)
     rows = []
-    for nprobe, rf in args.bigk_points:
+    own = idx.manifest.get("search_defaults_big_k")
+    points = ([(own["nprobe"], own["rerank_factor"])] if own else []) + list(args.bigk_points)
+    for nprobe, rf in points:
         t0 = time.perf_counter()
         _, ids = idx.search(q, kk, nprobe=nprobe, rerank_factor=rf)
         dt = (time.perf_counter() - t0) / len(q)
@@ -209,7 +274,9 @@ def big_k(ds, idx, op, args) -> dict:
                      "ms_per_query": round(1000 * dt, 1)})
         print(f"k=10000: nprobe={nprobe} rf={rf}: recall@10000={rec:.4f}, {1000 * dt:.1f} ms/query "
               f"(exact flat: {1000 * exact_s:.0f} ms/query)", flush=True)
-    return {"queries": len(q), "exact_ms_per_query": round(1000 * exact_s, 1), "points": rows}
+    return {"queries": len(q), "exact_ms_per_query": round(1000 * exact_s, 1), "exact": "in-RAM IndexFlatL2" if flat
+            is not None else "faiss knn per base block", "build_point": own and {k: own[k] for k in ("nprobe", "rerank_factor",
+            "measured_recall")}, "points": rows}
 
 
 def main(argv=None) -> int:
@@ -229,7 +296,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
                     help="rerank factors tried (with nprobe 1..256 each) for the operating point")
-    ap.add_argument("--bigk-at", default="1m")
+    ap.add_argument("--bigk-at", default="1m", help="sizes (comma list) that also measure k=10,000")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                    help="time raw faiss (same factory and files) and exact search beside imgsearch")
+    ap.add_argument("--exact-queries", type=int, default=256, help="query sample for the exact peer")
     ap.add_argument("--bigk-queries", type=int, default=20)
     ap.add_argument("--bigk-points", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
                     default=[(256, 2), (512, 2), (1024, 1), (1024, 2)], help="nprobe x rerank_factor list, e.g. 64x1,256x2")
@@ -246,12 +316,21 @@ def main(argv=None) -> int:
     res = {**run_info(), "args": {k: str(v) for k, v in vars(args).items()}, "sizes": []}
     for size in args.sizes.split(","):
         res["sizes"].append(bench_size(size.strip(), args))
-    print("\n| N | factory | build s | train s | RAM B/vec (codes+ids+quantizer) | disk B/vec | nprobe | rerank | R@10 | QPS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| N | factory | build s | train s | peak RSS MB | RAM B/vec | disk B/vec | nprobe | rerank | R@10 | QPS"
+          " | ms/query | raw faiss QPS | exact QPS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in res["sizes"]:
-        b, op = s["bytes_per_vector"], s["operating_point"]
-        print(f"| {s['n']:,} | {s['factory']} | {s['build_s']:.0f} | {s['train_s']:.0f} | {b['ram']:.1f} | "
-              f"{b['disk']:.0f} | {op['nprobe']} | {op['rerank_factor']} | {op['recall']:.3f} | {s['qps']} |")
+        b, op, pe = s["bytes_per_vector"], s["operating_point"], s.get("peers", {})
+        print(f"| {s['n']:,} | {s['factory']} | {s['build_s']:.0f} | {s['train_s']:.0f} | {s['build_peak_rss_mb']:.0f} | "
+              f"{b['ram']:.1f} | {b['disk']:.0f} | {op['nprobe']} | {op['rerank_factor']} | {op['recall']:.3f} | "
+              f"{s['qps']} | {s['ms_per_query']} | {pe.get('faiss raw', {}).get('qps', '-')} | "
+              f"{pe.get('exact', {}).get('qps', '-')} |")
+    for a, b in zip(res["sizes"], res["sizes"][1:]):
+        growth = b["ms_per_query"] / a["ms_per_query"]
+        res.setdefault("cost_growth", []).append({"from": a["size"], "to": b["size"], "ratio": round(growth, 2),
+                                                  "sqrt_n_ratio": round((b["n"] / a["n"]) ** 0.5, 2)})
+        print(f"per-query cost {a['size']} -> {b['size']}: {growth:.2f}x (sqrt of the size ratio: "
+              f"{(b['n'] / a['n']) ** 0.5:.2f}x)")
     write_results(args.output, res)
     return 0
 
