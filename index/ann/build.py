@@ -19,7 +19,7 @@ import numpy as np
 
 from imgsearch.errors import BadInput, JobFailed
 from imgsearch.progress import Progress
-from index.ann import coarse, integrity, versions
+from index.ann import coarse, integrity, measure, versions
 from index.ann import factory as factory_mod
 from index.ann import gpu as gpu_mod
 from index.ann import tune as tune_mod
@@ -207,8 +207,10 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     name = versions.check_name(version or versions.new_version_name())
     staging = versions.make_staging(index_root, name)
     try:
+        measure_codes = factory in (None, "", "auto") and source.n >= measure.MEASURE_FROM
         manifest = _build_into(staging, source, choice, shards, metric, gpu, seed,
-                               shard_builder or local_shard_builder(source), on_stage or _no_stage)
+                               shard_builder or local_shard_builder(source), on_stage or _no_stage,
+                               target_recall if measure_codes else None)
         manifest["build_config"].update(build_notes or {})
         # The checkpoint beside its hash: a server without --model loads it (serve.live).
         manifest.update(version=name, model=source.model, model_checkpoint=source.model_checkpoint,
@@ -266,7 +268,9 @@ def local_shard_builder(source: VectorSource) -> ShardBuilder:
 
 
 def _build_into(staging: str, source: VectorSource, choice, shards: int, metric: str, gpu: str, seed: int,
-                shard_builder: ShardBuilder, on_stage: StageCallback) -> dict:
+                shard_builder: ShardBuilder, on_stage: StageCallback, measure_at: float | None = None) -> dict:
+    """Train, add the shards and return the manifest so far; ``measure_at`` (a target recall):
+    choose the codes by a measured trial on the training sample (index/ann/measure.py)."""
     on_stage("train")
     t_train = time.monotonic()
     size = training_size(source.n, choice.nlist)
@@ -276,6 +280,10 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
         faiss.omp_set_num_threads(int(os.environ["IMGSEARCH_THREADS"]))
     notes: dict = {}
     trained = train_index(choice.factory, source.dim, metric, sample, gpu, seed, notes)
+    trial = None
+    if measure_at is not None:
+        choice, trained, trial = measure.choose_codes(choice, trained, source.n, source.dim, metric, sample,
+                                                      measure_at, seed)
     del sample
     trained_path = os.path.join(staging, TRAINED)
     _write_index(trained, trained_path)
@@ -304,6 +312,7 @@ def _build_into(staging: str, source: VectorSource, choice, shards: int, metric:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "train_size": int(min(size, source.n)),
         "train_seconds": round(train_seconds, 3),
+        "codes_trial": trial,
         "build_config": {"factory": choice.factory, "shards": shards, "metric": metric, "gpu": gpu,
                          "seed": seed, "block_size": DEFAULT_BLOCK, "source": source.description,
                          "train_size": int(min(size, source.n)), **notes},

@@ -1,5 +1,8 @@
 """Choosing and validating faiss factory strings.
 
+From 1M vectors the codes this rule picks are then measured against 8-bit PQ of the same bytes
+on the build's training sample (index/ann/measure.py); the cheaper at the target recall is built.
+
 ``choose_factory`` follows the faiss wiki "Guidelines to choose an index", adjusted by
 measurements on this code base (128-d, 100k clustered synthetic vectors, 2 CPU threads,
 IP metric, top-40 candidates then exact re-rank; bench/bench_index.py):
@@ -44,9 +47,10 @@ from imgsearch.errors import BadInput
 
 FLAT_BELOW = 10_000  # training k-means on fewer vectors is pointless; exact search is cheap
 HNSW_COARSE_FROM = 1_000_000  # the wiki's threshold for an HNSW coarse quantizer
-# 16*sqrt(N) lists only from 100M vectors, where k-means runs on a GPU: on CPU, training costs
-# ~nlist^2 (64 points per list), and at 1M 16*sqrt(N) = 16384 lists would train ~15x longer
-# (17-28 min on 2 cores) than 4096 lists (68 s), which already reach R@10 0.95 (bench_scale).
+# 16*sqrt(N) lists only from 100M vectors: the training sample is 64 points per list, and flat
+# k-means costs ~nlist^2 (at 1M, 16384 lists: 17-28 min on 2 cores against 68 s for 4096, which
+# already reach R@10 0.95). Two-level k-means (index/ann/coarse.py) cuts that to ~nlist^1.5, but
+# the 4-bit codes, not the lists, bound the cost on real data (bench_scale: rerank 32 at 1M).
 FINE_LISTS_FROM = 100_000_000
 MIN_POINTS_PER_CENTROID = 39  # faiss warns below this; k-means centroids are unreliable
 ID_BYTES = 8  # int64 label stored next to each code in the inverted lists
