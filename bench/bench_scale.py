@@ -139,13 +139,20 @@ def bench_size(size: str, args) -> dict:
 
     faiss.omp_set_num_threads(args.threads)
     ds = datasets.load(f"{args.dataset}-{size}")
-    q, gt = ds.queries[: args.nq], ds.gt[: args.nq, :K]
+    # Queries are stored grouped by the scene they came from: a seeded permutation makes the
+    # measured and the tuning sets random, disjoint samples of the same held-out scenes.
+    order = np.random.default_rng(0).permutation(len(ds.queries))
+    q, gt = ds.queries[order[: args.nq]], ds.gt[order[: args.nq], :K]
     root = tempfile.mkdtemp(prefix=f"scale-{size}-", dir=args.workdir)
     t0 = time.perf_counter()
     factory = args.factory_at.get(size, args.factory)
     # npy_source maps the file (uint8 or float32) and hands faiss one float32 block at a time.
     with PeakRSS() as peak:
-        r = build_version(npy_source(str(ds.folder / "base.npy"), metric="l2"), root, factory=factory, gpu="off")
+        if args.tune_queries + args.nq > len(ds.queries):
+            raise SystemExit(f"--tune-queries {args.tune_queries} + --nq {args.nq} exceed the {len(ds.queries)} queries")
+        tune = ds.queries[order[len(order) - args.tune_queries:]] if args.tune_queries else None
+        r = build_version(npy_source(str(ds.folder / "base.npy"), metric="l2"), root, factory=factory, gpu="off",
+                          tune_queries=tune)
     build_s = time.perf_counter() - t0
     m = r.manifest
     rss0 = rss_bytes()
@@ -170,7 +177,8 @@ def bench_size(size: str, args) -> dict:
 
     out = {"size": size, "n": int(m["ntotal"]), "factory": m["factory"],
            "auto_factory": choose_factory(int(m["ntotal"]), int(m["dim"]), metric=m["metric"]).factory, "build_s": round(build_s, 1),
-           "train_s": m["train_seconds"], "bytes_per_vector": m["bytes_per_vector"],
+           "train_s": m["train_seconds"], "codes_trial": m.get("codes_trial"),
+           "factory_reasons": m["factory_choice"]["reasons"], "bytes_per_vector": m["bytes_per_vector"],
            "build_peak_rss_mb": round(peak.hwm / 2**20, 1), "build_peak_rss_anon_mb": round(peak.anon / 2**20, 1),
            "rss_after_open_mb": round(rss_open / 2**20, 1),
            "fresh_process_open_rss_bytes_per_vector": round(fresh_open_rss(root, "auto") / max(int(m["ntotal"]), 1), 2),
@@ -190,7 +198,7 @@ def bench_size(size: str, args) -> dict:
         flat = exact_index(ds)
         out["peers"] = peers(idx, r.path, m, flat, ds, op, q, gt, args)
     if size in args.bigk_at.split(","):
-        out["k10000"] = big_k(ds, idx, op, args, flat if args.peers else None)
+        out["k10000"] = big_k(ds, idx, op, args, q[: args.bigk_queries], flat if args.peers else None)
     flat = None
     if args.cold_warm:
         del idx
@@ -249,11 +257,10 @@ def peers(idx, path: str, m: dict, flat, ds, op: dict, q: np.ndarray, gt: np.nda
     return out
 
 
-def big_k(ds, idx, op, args, flat=None) -> dict:
+def big_k(ds, idx, op, args, q: np.ndarray, flat=None) -> dict:
     """k=10,000: recall@10000 against exact top-10000, per-query time. With ``flat`` (the in-RAM
     exact peer) that is both the truth and the exact time; else faiss knn per base block."""
     kk = 10_000
-    q = ds.queries[: args.bigk_queries]
     from sift_blocks import blocked_knn
 
     t0 = time.perf_counter()
@@ -299,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bigk-at", default="1m", help="sizes (comma list) that also measure k=10,000")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="time raw faiss (same factory and files) and exact search beside imgsearch")
+    ap.add_argument("--tune-queries", type=int, default=0,
+                    help="tune the build on N dataset queries (as build --tune-queries), disjoint from the --nq"
+                         " measured ones; 0: the build's own leave-one-out rows")
     ap.add_argument("--exact-queries", type=int, default=256, help="query sample for the exact peer")
     ap.add_argument("--bigk-queries", type=int, default=20)
     ap.add_argument("--bigk-points", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
