@@ -200,6 +200,8 @@ def bench_size(size: str, args) -> dict:
     if size in args.bigk_at.split(","):
         out["k10000"] = big_k(ds, idx, op, args, q[: args.bigk_queries], flat if args.peers else None)
     flat = None
+    if size in args.hnswlib_at.split(","):
+        out["hnswlib"] = hnswlib_peer(ds, idx, op, q, gt, args)
     if args.cold_warm:
         del idx
         out["mmap_serving"] = cold_warm(root, op, q, gt, args)
@@ -257,6 +259,46 @@ def peers(idx, path: str, m: dict, flat, ds, op: dict, q: np.ndarray, gt: np.nda
     return out
 
 
+def hnswlib_peer(ds, idx, op: dict, q: np.ndarray, gt: np.ndarray, args) -> dict:
+    """hnswlib (M=16, efC 100, built from the base in blocks), the smallest ef reaching the target,
+    timed interleaved with imgsearch at its operating point; RAM = its saved index size."""
+    import hnswlib
+
+    base = np.load(ds.folder / "base.npy", mmap_mode="r")
+    n, d = base.shape
+    t0 = time.perf_counter()
+    h = hnswlib.Index(space="l2", dim=d)
+    h.init_index(max_elements=n, M=16, ef_construction=100, random_seed=0)
+    h.set_num_threads(args.threads)
+    for a in range(0, n, 500_000):
+        h.add_items(np.ascontiguousarray(base[a:a + 500_000], np.float32), np.arange(a, min(a + 500_000, n)))
+        print(f"  hnswlib: {min(a + 500_000, n):,} / {n:,} added, {time.perf_counter() - t0:.0f}s", flush=True)
+    build_s = time.perf_counter() - t0
+    ef, rec = None, 0.0
+    for ef in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512):
+        h.set_ef(max(ef, K))
+        _, ids = timed(lambda x: h.knn_query(x, K)[0].astype(np.int64), q, args.batch)
+        if (rec := recall(ids, gt)) >= args.target:
+            break
+    fns = {"imgsearch": lambda x: idx.search(x, K, nprobe=op["nprobe"], rerank_factor=op["rerank_factor"])[1],
+           "hnswlib": lambda x: h.knn_query(x, K)[0].astype(np.int64)}
+    best = {k: float("inf") for k in fns}
+    for _ in range(args.rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], timed(fn, q, args.batch)[0])
+    path = os.path.join(tempfile.mkdtemp(dir=args.workdir), "hnsw.bin")
+    h.save_index(path)
+    ram = os.path.getsize(path) / n
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    out = {"M": 16, "ef_construction": 100, "ef": ef, "recall": round(rec, 4), "build_s": round(build_s, 1),
+           "ram_bytes_per_vector": round(ram, 1), "qps": round(len(q) / best["hnswlib"]),
+           "imgsearch_qps": round(len(q) / best["imgsearch"]),
+           "imgsearch_vs_hnswlib_qps": round(best["hnswlib"] / best["imgsearch"], 3)}
+    print(f"  hnswlib: build {build_s:.0f}s, ef={ef} R@10 {rec:.3f}, {out['qps']} QPS, {ram:.0f} B/vec; "
+          f"imgsearch {out['imgsearch_qps']} QPS ({out['imgsearch_vs_hnswlib_qps']}x)", flush=True)
+    return out
+
+
 def big_k(ds, idx, op, args, q: np.ndarray, flat=None) -> dict:
     """k=10,000: recall@10000 against exact top-10000, per-query time. With ``flat`` (the in-RAM
     exact peer) that is both the truth and the exact time; else faiss knn per base block."""
@@ -304,6 +346,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
                     help="rerank factors tried (with nprobe 1..256 each) for the operating point")
     ap.add_argument("--bigk-at", default="1m", help="sizes (comma list) that also measure k=10,000")
+    ap.add_argument("--hnswlib-at", default="", help="sizes (comma list) that also build and time hnswlib")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="time raw faiss (same factory and files) and exact search beside imgsearch")
     ap.add_argument("--tune-queries", type=int, default=0,
