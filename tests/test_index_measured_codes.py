@@ -45,10 +45,12 @@ def test_large_build_records_a_measured_choice_and_reaches_recall(tmp_path, monk
     from index.ann.sources import array_source
 
     monkeypatch.setattr(measure, "MEASURE_FROM", 20_000)
+    monkeypatch.setattr(measure, "TRIAL_ROWS", 25_000)  # the 30k-row sample is cut to a seeded 25k subset
     base, held = _glove(30_000, 200)
     built = build_version(array_source(base, metric="ip"), str(tmp_path / "v"), target_recall=0.95, gpu="off")
     m = built.manifest
     trial = m["codes_trial"]
+    assert trial["sample"] == 25_000
     assert set(trial["candidates"]) == {"IVF512,PQ50x4fsr", "IVF512,PQ25"}, trial
     assert m["factory"] == trial["chosen"] and m["factory_choice"]["factory"] == trial["chosen"]
     assert any(r.startswith("codes measured on the") for r in m["factory_choice"]["reasons"])
