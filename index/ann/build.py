@@ -163,10 +163,15 @@ class BuildResult:
     manifest: dict
 
 
+def is_auto(factory: str | None) -> bool:
+    """Whether the build chooses the factory itself (``auto``, empty or unset)."""
+    return factory in (None, "", "auto")
+
+
 def resolve_factory(factory: str, n: int, dim: int, metric: str, memory_budget: int | None):
     """The factory to build (``auto``: chosen within the budget); a given ``memory_budget`` the
     choice cannot meet is refused before anything is written."""
-    if factory in (None, "", "auto"):
+    if is_auto(factory):
         choice = factory_mod.choose_factory(n, dim, memory_budget, metric)
         index = factory_mod.validate_factory(choice.factory, dim, metric)
         if memory_budget is not None:
@@ -207,7 +212,7 @@ def build_version(source: VectorSource, index_root: str, *, factory: str = "auto
     name = versions.check_name(version or versions.new_version_name())
     staging = versions.make_staging(index_root, name)
     try:
-        measure_codes = factory in (None, "", "auto") and source.n >= measure.MEASURE_FROM
+        measure_codes = is_auto(factory) and source.n >= measure.MEASURE_FROM
         manifest = _build_into(staging, source, choice, shards, metric, gpu, seed,
                                shard_builder or local_shard_builder(source), on_stage or _no_stage,
                                target_recall if measure_codes else None)

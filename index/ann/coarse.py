@@ -20,26 +20,20 @@ import time
 import faiss
 import numpy as np
 
+from index.ann.params import ivf_of
+
 log = logging.getLogger(__name__)
 
 # From 4096 lists (1M vectors) two-level measured the same coarse recall at 1/12 of the time (bench_coarse).
 TWO_LEVEL_FROM = 4096
 NITER = 20  # Lloyd iterations per k-means, as in faiss' IVF training
 REFINE_ITERS = 2  # full-sample passes after the split, assigned through HNSW
-MIN_POINTS = 39  # points per centroid below which a group gets fewer centroids
 
 
 def wants_two_level(index, gpu: str) -> bool:
     """Whether ``index`` (an untrained faiss index) should get a two-level coarse quantizer."""
-    ivf = _ivf_of(index)
+    ivf = ivf_of(index)
     return gpu == "off" and ivf is not None and ivf.nlist >= TWO_LEVEL_FROM and ivf.quantizer.ntotal == 0
-
-
-def _ivf_of(index):
-    try:
-        return faiss.extract_index_ivf(index)
-    except (RuntimeError, TypeError):
-        return None
 
 
 def split_counts(sizes: np.ndarray, total: int) -> np.ndarray:

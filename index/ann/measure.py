@@ -24,6 +24,8 @@ import faiss
 import numpy as np
 
 from index.ann import factory as factory_mod
+from index.ann.params import search_params
+from index.ann.tune import recall_at, without_own
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,8 @@ def train_like(factory: str, dim: int, metric: str, sample: np.ndarray, centroid
 def _leave_one_out(sample: np.ndarray, metric: str, seed: int):
     rng = np.random.default_rng(seed + 7)
     rows = np.sort(rng.choice(len(sample), min(TRIAL_QUERIES, len(sample) - K - 1), replace=False))
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-    _, truth = faiss.knn(sample[rows], sample, K + 1, metric=mt)
-    return rows, _drop(truth, rows)
-
-
-def _drop(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Each query's results without its own row, first ``K``."""
-    keep = ids != rows[:, None]
-    return np.stack([r[k][:K] for r, k in zip(ids, keep)])
+    _, truth = faiss.knn(sample[rows], sample, K + 1, metric=factory_mod.metric_type(metric))
+    return rows, without_own(truth, rows, K)
 
 
 def trial_cost(trained, sample: np.ndarray, metric: str, target: float, seed: int = 0) -> dict:
@@ -88,25 +83,24 @@ def trial_cost(trained, sample: np.ndarray, metric: str, target: float, seed: in
     fp16 = faiss.IndexScalarQuantizer(sample.shape[1], faiss.ScalarQuantizer.QT_fp16, index.metric_type)
     fp16.add(sample)
     refine = faiss.IndexRefine(index, fp16)
-    ivf = faiss.extract_index_ivf(index)
-    coarse = faiss.downcast_index(ivf.quantizer)
+    nlist = faiss.extract_index_ivf(index).nlist
     rows, truth = _leave_one_out(sample, metric, seed)
     q = np.ascontiguousarray(sample[rows])
 
     def run(nprobe: int, rf: int) -> tuple[float, float]:
-        ivf.nprobe = nprobe
-        if isinstance(coarse, faiss.IndexHNSW):
-            coarse.hnsw.efSearch = max(2 * nprobe, 16)  # as index.ann.search does
-        refine.k_factor = rf
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = rf
+        # nprobe and the HNSW coarse quantizer's efSearch as every imgsearch search sets them
+        params.base_index_params, keep = search_params(index, nprobe)
         t0 = time.perf_counter()
-        _, found = refine.search(q, K + 1)
+        _, found = refine.search(q, K + 1, params=params)
         dt = (time.perf_counter() - t0) / len(q)
-        hits = [len(np.intersect1d(f, t)) for f, t in zip(_drop(found, rows), truth)]
-        return float(np.sum(hits)) / truth.size, dt
+        del keep
+        return recall_at(without_own(found, rows, K), truth, K), dt
 
     points = []
     for rf in RERANK_FACTORS:
-        for nprobe in (p for p in NPROBES if p <= ivf.nlist):
+        for nprobe in (p for p in NPROBES if p <= nlist):
             rec, dt = run(nprobe, rf)
             points.append({"nprobe": nprobe, "rerank_factor": rf, "recall": round(rec, 4), "ms": dt * 1e3})
             if rec >= target:
