@@ -37,6 +37,7 @@ import numpy as np
 from flask import Flask, jsonify, request
 
 from index import open_index
+from index.ann.merge import top_k
 from index.ann.sources import store_category_of
 from serve.admin import check_bearer
 from serve.errors import ApiError
@@ -257,7 +258,7 @@ def merge_top_k(scores: list[np.ndarray], ids: list[np.ndarray], k: int, higher_
     """Exact top-k over the shards' lists by (score, id); -1 ids pad."""
     s, i = np.hstack(scores), np.hstack(ids)
     key = np.where(i >= 0, -s if higher_is_better else s, np.inf)
-    order = np.lexsort((i, key), axis=-1)[:, :k]
+    order = top_k(key, i, k)
     s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
     pad = np.take_along_axis(key, order, 1) == np.inf
     s[pad] = -np.inf if higher_is_better else np.inf

@@ -11,6 +11,10 @@ from index.ann.parts import Part, search_part
 from index.ann.rerank import SMALL_BATCH, rerank_candidates
 
 _I64_MIN, _I64_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+_ID_CODE_MAX = (1 << 32) - 1  # id + 1 must fit the low half of a packed (key, id) code
+# k from which top_k sorts packed (key, id) codes. Measured per batch, packed vs argsort + tie
+# check: 256 x 80 -> 10: 0.34 vs 0.21 ms; 256 x 400 -> 100: 1.9 vs 4.1; 20 x 20,000 -> 10,000: 25 vs 76.
+PACKED_FROM_K = 64
 
 
 def along(a: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -34,25 +38,60 @@ def cut(part: Part, key: np.ndarray, rows: np.ndarray, fetch: int):
     sub = np.flatnonzero(tie)
     ks, rs = key[sub], rows[sub]
     v = ks[:, fetch - 1:fetch]
-    u = np.take(part.ids_arr, rs)
-    u[rs < 0] = -1
-    prio = np.where(ks < v, _I64_MIN, np.where(ks == v, u, _I64_MAX))
-    o = np.argsort(prio, axis=1)[:, :fetch]
+    # Each row is sorted by key, so its tied keys are one run of columns around the cut: only the
+    # columns [lo, hi) spanning every tied row's run are ordered by id (at k = 10,000 the run is
+    # tens of columns of 25,000; ordering whole rows cost 3.7 ms a query).
+    lo, hi = int((ks < v).sum(axis=1).min()), int((ks <= v).sum(axis=1).max())
+    wk, wr = ks[:, lo:hi], rs[:, lo:hi]
+    u = np.take(part.ids_arr, wr)
+    u[wr < 0] = -1
+    prio = np.where(wk < v, _I64_MIN, np.where(wk == v, u, _I64_MAX))
+    o = np.argsort(prio, axis=1)[:, :fetch - lo]
+    ks = np.concatenate([ks[:, :lo], along(wk, o)], axis=1)
+    rs = np.concatenate([rs[:, :lo], along(wr, o)], axis=1)
     if sub.size == key.shape[0]:
-        return along(ks, o), along(rs, o)
+        return ks, rs
     key, rows = key[:, :fetch].copy(), rows[:, :fetch].copy()
-    key[sub], rows[sub] = along(ks, o), along(rs, o)
+    key[sub], rows[sub] = ks, rs
     return key, rows
 
 
-def top_k(key: np.ndarray, uids: np.ndarray, k: int) -> np.ndarray:
-    """Columns of the best ``k`` per row by (key, id): ``np.lexsort((uids, key))[:, :k]``.
+def key_id_codes(key: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """uint64 codes whose order is (key, id) order, or None when that cannot be packed (an id
+    outside [-1, 2**32 - 2], or a NaN key).
 
-    For batches, a plain argsort of the keys (SIMD) is several times faster than lexsort; only
-    the rows whose first k + 1 sorted keys are not strictly increasing (a tie, or NaN) are
-    lexsorted.
+    High 32 bits: the float32 key's bits made monotonic (sign bit flipped for positives, all bits
+    for negatives; -0.0 first becomes +0.0, as the comparison treats them). Low 32 bits: id + 1
+    (padding's -1 -> 0). One integer sort then orders by key and breaks ties by id: a plain
+    ``np.lexsort`` of 20 x 20,000 candidates cost 2.8 ms a query, the packed sort 0.4.
+    """
+    if ids.size and (ids.min() < -1 or ids.max() > _ID_CODE_MAX - 1):
+        return None
+    k32 = np.asarray(key, np.float32) + np.float32(0.0)
+    if np.isnan(k32).any():
+        return None
+    bits = k32.view(np.uint32)
+    bits ^= (np.uint32(0) - (bits >> np.uint32(31))) | np.uint32(0x80000000)
+    codes = bits.astype(np.uint64) << np.uint64(32)
+    codes |= (ids + 1).astype(np.uint64)
+    return codes
+
+
+def top_k(key: np.ndarray, uids: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the best ``k`` per row by (key, id), in that order: ``np.lexsort((uids, key))[:, :k]``.
+
+    From ``PACKED_FROM_K``, with ids that fit in 32 bits (:func:`key_id_codes`): a partition of
+    the packed codes, then a sort of the best k only. Otherwise, for batches, a plain argsort of
+    the keys (SIMD) is several times faster than lexsort; only the rows whose first k + 1 sorted
+    keys are not strictly increasing (a tie, or NaN) are lexsorted.
     """
     n, c = key.shape
+    codes = key_id_codes(key, uids) if k >= PACKED_FROM_K else None
+    if codes is not None:
+        if c <= k:
+            return np.argsort(codes, axis=1)
+        best = np.argpartition(codes, k - 1, axis=1)[:, :k]
+        return along(best, np.argsort(along(codes, best), axis=1))
     if n < SMALL_BATCH or c <= k:
         return np.lexsort((uids, key), axis=-1)[:, :k]
     o = np.argsort(key, axis=1)[:, :k + 1]
@@ -97,7 +136,7 @@ def candidates(parts, q: np.ndarray, fetch: int, nprobe: int, allowed, ip: bool)
     keys, uids = np.hstack(keys), np.hstack(uids)
     part_no, rows = np.hstack(part_no), np.hstack(rows)
     n_valid = np.minimum((uids >= 0).sum(axis=1), fetch)
-    order = np.lexsort((uids, keys), axis=-1)[:, :fetch]
+    order = top_k(keys, uids, fetch)
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
     return take(keys), take(uids), take(part_no), take(rows), n_valid
 
@@ -116,7 +155,7 @@ def select(parts, q, keys, uids, part_no, rows, keep, k: int, rf: int, ip: bool)
         keys = rerank_candidates(parts, q, keys, part_no, rows, ok, ip)
     keys = np.where(ok, keys, np.inf)
     uids = np.where(ok, uids, -1)
-    final = np.lexsort((uids, keys), axis=-1)[:, :k]
+    final = top_k(keys, uids, k)
     s = np.take_along_axis(keys, final, axis=1)
     i = np.take_along_axis(uids, final, axis=1)
     s, i = pad_to_k(s, i, k)
