@@ -70,3 +70,12 @@ def test_big_k_at_the_largest_k_tunes_with_leave_one_out_queries(tmp_path):
     own, queries = leave_one_out_queries(source, 20, 0)
     big = tune_big_k(open_index(str(tmp_path / "v")), source, queries, own, "ip", 0.95, k=MAX_K, min_ntotal=0)
     assert big["k"] == MAX_K and big["target_reached"], {k: v for k, v in big.items() if k != "tuning"}
+
+
+def test_big_k_grid_has_midpoints_and_stays_within_the_lists():
+    from index.ann.tune import nprobe_grid
+
+    assert nprobe_grid(4096) == [2**i for i in range(13)]
+    fine = nprobe_grid(4096, midpoints=True)
+    assert fine[:8] == [1, 2, 3, 4, 6, 8, 12, 16] and fine[-3:] == [2048, 3072, 4096]
+    assert fine == sorted(set(fine)) and max(nprobe_grid(100, midpoints=True)) == 100
