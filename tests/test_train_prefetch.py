@@ -1,4 +1,4 @@
-"""train.frozen.prefetched: order, errors and early stops of the background producer."""
+"""train.frozen: prefetched (order, errors and early stops of the background producer) and FrozenPrefix."""
 
 import threading
 
@@ -36,3 +36,42 @@ def test_a_consumer_that_stops_early_stops_the_producer():
     stream.close()
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
     assert len(produced) < 100
+
+
+def test_frozen_prefix_runs_onnx_and_matches_eager(tmp_path, monkeypatch):
+    """The cached maps come from ONNX Runtime (one output or two) and equal the eager module's to float16 rounding."""
+    import torch
+    from torch import nn
+
+    from embed.runtime import onnxruntime_available
+    from train.frozen import FrozenPrefix
+
+    if not onnxruntime_available():
+        pytest.skip("onnxruntime not installed")
+    monkeypatch.setenv("IMGSEARCH_ONNX_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+    top = nn.Sequential(nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.ReLU6())
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.top = stem, top
+
+        def forward(self, x):
+            s = self.stem(x)
+            return s, self.top(s)
+
+    x = torch.randn(5, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    for module in (stem, Two()):
+        prefix = FrozenPrefix(module, x[:2], kind=f"test-prefix-{type(module).__name__}")
+        assert prefix.onnx is not None
+        with torch.inference_mode():
+            want = module.eval()(x)
+        got = prefix(x)
+        want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float16 and g.shape == w.shape
+            torch.testing.assert_close(g.float(), w.float(), rtol=2e-3, atol=2e-3)
+    assert len(list(tmp_path.glob("test-prefix-*.onnx"))) == 2  # exported once each, cached

@@ -153,7 +153,8 @@ class EmbedderStage:
         self.loss = make_loss(config.loss)
         self.preprocess = Preprocessor(net.config.image_size)
         size = net.config.image_size
-        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
+        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last),
+                                    kind="frozen-embedder-prefix")
         self.optimizer = torch.optim.AdamW(
             [{"params": list(self.upper.parameters()), "lr": config.embed_trunk_lr, "base_lr": config.embed_trunk_lr},
              {"params": list(net.head.parameters()), "lr": config.embed_lr, "base_lr": config.embed_lr}],
@@ -299,7 +300,8 @@ class DetectorStage:
         freeze(self.lower)
         self.ssd.to(memory_format=torch.channels_last)
         size = detector.config.image_size
-        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last))
+        self._prefix = FrozenPrefix(self.lower, torch.zeros(2, 3, size, size).contiguous(memory_format=torch.channels_last),
+                                    kind="frozen-detector-prefix")
         trainable = [p for p in self.ssd.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW([{"params": trainable, "lr": config.detector_lr, "base_lr": config.detector_lr}],
                                            weight_decay=config.weight_decay)
