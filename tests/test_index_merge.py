@@ -56,6 +56,7 @@ def test_codes_refuse_what_they_cannot_order():
     assert key_id_codes(key, np.array([[0, 1, (1 << 32) - 1]])) is None  # id + 1 overflows 32 bits
     assert key_id_codes(key, np.array([[0, 1, -2]])) is None
     assert key_id_codes(np.array([[0, np.nan, 1]], np.float32), np.array([[0, 1, 2]])) is None
+    assert key_id_codes(np.array([[1.0, 1.0 + 1e-12]]), np.array([[1, 0]])) is None  # float64: order kept by lexsort
     codes = key_id_codes(np.array([[-np.inf, -2.0, -0.0, 0.0, 3.0, np.inf]], np.float32), np.array([[5, 4, 3, 2, 1, -1]]))
     assert codes is not None
     order = np.argsort(codes[0])
