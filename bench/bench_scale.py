@@ -161,7 +161,7 @@ def bench_size(size: str, args) -> dict:
     nlist = int(m.get("nlist") or 1)
     grid = []
     for rf in args.rerank_grid:
-        for p in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
             if p > nlist:
                 break
             dt, ids = timed(lambda x, p=p, rf=rf: idx.search(x, K, nprobe=p, rerank_factor=rf)[1], q, args.batch)
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.95)
     ap.add_argument("--rerank-grid", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64],
-                    help="rerank factors tried (with nprobe 1..256 each) for the operating point")
+                    help="rerank factors tried (with nprobe 1..1024 each, up to nlist) for the operating point")
     ap.add_argument("--bigk-at", default="1m", help="sizes (comma list) that also measure k=10,000")
     ap.add_argument("--hnswlib-at", default="", help="sizes (comma list) that also build and time hnswlib")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
