@@ -236,12 +236,12 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float, ties: list[
     factors = factors if reranked else (1,)
     nlist = int(idx.manifest.get("nlist") or 0)
     trials, cheapest_reached = [], np.inf  # cost of the cheapest point reaching the target so far
+    grid = nprobe_grid(nlist, midpoints)
     for rf in factors:
-        last = -1.0
+        seen: dict[int, float] = {}  # nprobe -> recall at this factor
         # Fewer lists than hold k * rf candidates leave the search's own widening to decide, so
         # recall would not change with nprobe there and the plateau rule would stop too early.
         holds = int(np.ceil(nlist * min(k * rf, idx.ntotal) / max(idx.ntotal, 1))) if nlist else 1
-        grid = nprobe_grid(nlist, midpoints)
         for nprobe in [p for p in grid if p >= max(min_nprobe, holds)] or grid[-1:]:
             c = cost(nprobe, rf, nlist, idx.ntotal, reranked, k)
             if c >= cheapest_reached:
@@ -256,9 +256,12 @@ def tune(idx, truth: np.ndarray, queries: np.ndarray, target: float, ties: list[
             if r >= target:
                 cheapest_reached = min(cheapest_reached, c)
                 break  # larger nprobe only costs more at this factor
-            if nprobe >= 4 and r <= last + 0.002:
-                break  # plateau: the codes, not the probed lists, limit recall at this factor
-            last = r
+            # Plateau: a doubling of nprobe gained <= 0.002, so the codes, not the probed lists,
+            # limit recall at this factor (measured per doubling, also on the midpoint grid).
+            half = max((p for p in seen if p <= nprobe // 2), default=None)
+            if nprobe >= 4 and half is not None and r <= seen[half] + 0.002:
+                break
+            seen[nprobe] = r
     reached = [t for t in trials if t["recall"] >= target]
     if reached:
         best = min(reached, key=lambda t: (t["cost"], -t["recall"]))
