@@ -17,7 +17,9 @@ per product, so the first VIEWS of ``--views`` are exactly what ``shopper_views=
 plus the catalog shots; after each epoch the held-out product-level Recall@1/5/10
 (``ValidationCache.recall``, what ``imgsearch train`` logs as ``val_recall@K``). After the last
 epoch also a flip-TTA row: each query and catalog vector is the normalised sum of the image's
-and its mirror image's vectors. Detection plays no part: the queries are true-box crops.
+and its mirror image's vectors; and category transfer, Fashion-MNIST P@1 on ``--fashion-mnist``
+seeded test images through the trained network (``train.evaluate.fashion_mnist_p_at_1``; 0
+skips it). Detection plays no part: the queries are true-box crops.
 
 ``detector``: ``--scenes`` composite scenes of TRAIN products (``TrainingData.scenes``, one
 seeded stream, so the first SCENES of them are what ``scenes=SCENES`` renders) are rendered
@@ -35,7 +37,8 @@ Run specs (``--runs``, comma-separated and/or repeated), all integers but LOSS:
                FROM = embed_trainable_from (trunk blocks [FROM:] learn, 1..19), VIEWS =
                shopper_views (<= --views), LOSS = triplet | multisimilarity | ...
                (a PK batch's K shrinks to VIEWS + 1 when that is fewer: EmbedderStage.sampler)
-               KEY in: seed, products_per_batch, views_per_batch, embed_lr, embed_trunk_lr, weight_decay
+               KEY in: seed, products_per_batch, views_per_batch, embed_lr, embed_trunk_lr, weight_decay,
+               head_init, transfer_weight
     detector:  FROM:SCENES:EPOCHS:PASSES[:KEY=VALUE...]
                FROM = detector_trainable_from (1..19; below 14 the stride-16 map learns too), SCENES = scenes (<= --scenes),
                PASSES = detector_passes
@@ -111,7 +114,8 @@ POSITIONAL = {
 }
 SPEC_NAMES = {"embedder": "FROM:VIEWS:EPOCHS:LOSS", "detector": "FROM:SCENES:EPOCHS:PASSES"}
 KEYS = {
-    "embedder": ("seed", "products_per_batch", "views_per_batch", "embed_lr", "embed_trunk_lr", "weight_decay"),
+    "embedder": ("seed", "products_per_batch", "views_per_batch", "embed_lr", "embed_trunk_lr", "weight_decay",
+                 "head_init", "transfer_weight"),
     "detector": ("seed", "scene_batch", "detector_lr", "weight_decay"),
 }
 FIXED_PER_SWEEP = {
@@ -378,18 +382,35 @@ def run_embedder(args, runs: list[Run], ss, save) -> list[dict]:
         train = ViewCache(maps.train[torch.from_numpy(keep)], np.asarray(views.train_labels)[keep])
         validation = ValidationCache(ViewCache(maps.queries, np.asarray(views.query_labels)),
                                      ViewCache(maps.catalog, np.asarray(views.catalog_labels)), views.products)
+        stage.start(train)  # as TrainingRun.fit before its first epoch
         history, train_s, eval_s = timed_epochs(run.spec, conf, stage, train, partial(recall_metrics, validation, stage),
                                                 recall_line)
         tta = flip_tta_recall(stage, validation, maps)
+        fashion = fashion_mnist(net, stage.preprocess, args.fashion_mnist)
         last = history[-1]
         rows.append({"spec": run.spec, "config": conf.to_dict(), "train_views": len(train),
                      "recall@1": last["recall@1"], "recall@5": last["recall@5"], "recall@10": last["recall@10"],
-                     **{f"flip_tta_recall@{k}": v for k, v in tta.items()},
+                     **{f"flip_tta_recall@{k}": v for k, v in tta.items()}, "fashion_mnist_p@1": fashion,
                      "cache_seconds": round(maps.seconds, 1), "train_seconds": round(train_s, 1),
                      "eval_seconds": round(eval_s, 1), "history": history})
         print_embedder_rows(rows[-1:], header=False)
         save(rows, settings)
     return rows
+
+
+def fashion_mnist(net, preprocess, n: int, batch: int = 64) -> float | None:
+    """Category transfer of the trained network: Fashion-MNIST P@1 on ``n`` seeded test images (None when n is 0)."""
+    from train.evaluate import fashion_mnist_p_at_1
+
+    if not n:
+        return None
+    net.eval()
+
+    def embed(images: list) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([net(preprocess(images[a:a + batch])).numpy() for a in range(0, len(images), batch)])
+
+    return round(fashion_mnist_p_at_1(embed, n=n)["embedding"], 4)
 
 
 def recall_metrics(validation, stage) -> dict[str, float]:
@@ -430,8 +451,8 @@ def timed_epochs(spec: str, conf, stage, data, evaluate, describe) -> tuple[list
     return history, train_s, eval_s
 
 
-EMBEDDER_HEADER = ("| run | R@1 | R@5 | R@10 | flip-TTA R@1 | flip-TTA R@10 | train views | cache s | train s |\n"
-                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+EMBEDDER_HEADER = ("| run | R@1 | R@5 | R@10 | flip-TTA R@1 | flip-TTA R@10 | Fashion-MNIST P@1 | train views | cache s | train s |\n"
+                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def print_embedder_rows(rows: list[dict], header: bool = True) -> None:
@@ -439,7 +460,8 @@ def print_embedder_rows(rows: list[dict], header: bool = True) -> None:
         print(EMBEDDER_HEADER)
     for r in rows:
         print(f"| {r['spec']} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | {r['recall@10']:.3f} | "
-              f"{r['flip_tta_recall@1']:.3f} | {r['flip_tta_recall@10']:.3f} | {r['train_views']} | "
+              f"{r['flip_tta_recall@1']:.3f} | {r['flip_tta_recall@10']:.3f} | "
+              f"{'-' if r.get('fashion_mnist_p@1') is None else format(r['fashion_mnist_p@1'], '.3f')} | {r['train_views']} | "
               f"{r['cache_seconds']:.0f} | {r['train_seconds']:.0f} |", flush=True)
 
 
@@ -537,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the rendered data (default 0)")
         p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
         p.add_argument("--output", type=Path, default=None, metavar="JSON", help="also write the results here")
+        if command == "embedder":
+            p.add_argument("--fashion-mnist", type=int, default=2000, metavar="N",
+                           help="Fashion-MNIST test images for the category-transfer P@1 of each run (0: skip)")
     return parser
 
 

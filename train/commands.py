@@ -145,6 +145,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         "max_products": args.max_products, "image_size": args.image_size, "detector_image_size": args.detector_image_size,
         "detector_passes": args.detector_passes, "embed_trainable_from": args.embed_trainable_from,
         "detector_trainable_from": args.detector_trainable_from, "studio_scenes": args.studio_scenes,
+        "head_init": args.head_init, "transfer_weight": args.transfer_weight,
     }
     config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     return replace(config, detector=False) if args.no_detector else config

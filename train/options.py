@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgsearch.argtypes import fraction, positive_int
+from imgsearch.argtypes import fraction, non_negative_float, positive_int
 
 
 def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,6 +25,12 @@ def add_train_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="MobileNetV2 blocks [BLOCK:] of the embedder learn, the rest is frozen and cached (default 14)")
     p.add_argument("--detector-trainable-from", type=positive_int, default=None, metavar="BLOCK",
                    help="MobileNetV2 blocks [BLOCK:] of the detector learn, 1..19; below 14 the stride-16 map learns too (default 11)")
+    p.add_argument("--head-init", choices=["fixed", "whitened"], default=None,
+                   help="the embedder head's start: the fixed projection, or the whitening of the pretrained features "
+                        "fitted on the training views (default whitened)")
+    p.add_argument("--transfer-weight", type=non_negative_float, default=None, metavar="W",
+                   help="weight of the term that keeps the in-batch similarities of the pretrained model (category "
+                        "transfer; 0 turns it off; default 4)")
     p.add_argument("--no-detector", action="store_true", help="train the embedder only")
     p.add_argument("--max-products", type=positive_int, default=None, help="train on at most N train products")
     p.add_argument("--image-size", type=positive_int, default=None, help="embedder input side (default 224)")
