@@ -63,7 +63,7 @@ def test_whitened_head_starts_as_the_teacher(fashion_cache):
     stage.start(cache)
     assert not torch.allclose(stage.net.head.projection.weight, fixed)
     student = torch.from_numpy(stage.vectors(cache))
-    torch.testing.assert_close(student, cache.teacher, atol=2e-4, rtol=0)
+    torch.testing.assert_close(student, cache.teacher, atol=3e-3, rtol=0)  # the teacher runs in float16 out
     # Centred and whitened: the views' mean vector is far from unit length (the fixed head's is not).
     assert float(student.mean(0).norm()) < 0.3
 

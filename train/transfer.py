@@ -37,7 +37,7 @@ from torch import nn
 
 from embed.model import GeM, build_trunk
 from embed.whitening import DEFAULT_POWER, fit_whitening, min_fit_images
-from train.frozen import freeze
+from train.frozen import FrozenPrefix, freeze
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +53,28 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor) -> 
     return diff.pow(2).sum() / (n * (n - 1))  # the diagonal is 1 - 1 = 0 for unit rows
 
 
-class TransferTeacher(nn.Module):
-    """ImageNet weights of trunk blocks ``[split:]``, GeM, and a whitening fitted on the first maps it sees."""
+class TransferTeacher:
+    """ImageNet weights of trunk blocks ``[split:]``, GeM, and a whitening fitted on the first maps it sees.
+
+    The blocks and GeM run as a :class:`train.frozen.FrozenPrefix` (ONNX Runtime when present),
+    built on the first maps, whose shape it is exported for.
+    """
 
     def __init__(self, backbone: str, split: int, dim: int, gem_p: float, batch: int = 256):
-        super().__init__()
-        self.upper = build_trunk(backbone)[split:]
-        self.upper.to(memory_format=torch.channels_last)
-        self.pool = GeM(gem_p)
-        freeze(self)
+        self.module = nn.Sequential(build_trunk(backbone)[split:], GeM(gem_p))
+        freeze(self.module)
         self.dim, self.batch = dim, batch
+        self._runner: FrozenPrefix | None = None
         self.weight: np.ndarray | None = None
         self.bias: np.ndarray | None = None
         self.mean: np.ndarray | None = None  # the centring of the fallback teacher
 
     def pooled(self, maps: torch.Tensor) -> np.ndarray:
         """(n, C) GeM features of cached float16 lower-trunk maps, as the pretrained model pools them."""
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(maps), self.batch):
-                x = maps[start:start + self.batch].to(torch.float32, memory_format=torch.channels_last)
-                out.append(self.pool(self.upper(x)).numpy())
-        return np.concatenate(out)
+        if self._runner is None:
+            self._runner = FrozenPrefix(self.module, maps[:2].to(torch.float32), kind="transfer-teacher")
+        return np.concatenate([self._runner(maps[a:a + self.batch].to(torch.float32)).numpy().astype(np.float32)
+                               for a in range(0, len(maps), self.batch)])
 
     def vectors(self, maps: torch.Tensor) -> torch.Tensor:
         """Unit teacher vectors (n, dim) of ``maps``; the whitening is fitted on the first call's maps."""
