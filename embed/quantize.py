@@ -45,7 +45,7 @@ class QuantSettings:
 
     activations: str = "uint8"  # u8 activations x s8 weights fuse to QLinearConv on x86; s8 ones leave float Convs (2x slower)
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool | None = None  # None: True on x86 CPUs without VNNI (see cpu_lacks_vnni)
     symmetric_activations: bool = False
     method: str = "percentile"
     percentile: float = 99.99
@@ -60,9 +60,26 @@ class QuantSettings:
             raise BadInput(f"activations must be 'uint8' or 'int8', got {self.activations!r}")
         if self.float_last_blocks < 0:
             raise BadInput(f"float_last_blocks must be >= 0, got {self.float_last_blocks!r}")
+        if self.reduce_range is None:  # resolved here, so the cache key names what was quantized
+            object.__setattr__(self, "reduce_range", cpu_lacks_vnni())
 
     def to_dict(self) -> dict:
         return asdict(self) | {"format": QUANTIZE_FORMAT, "chunk": CALIBRATION_CHUNK}
+
+
+def cpu_lacks_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only). There ONNX Runtime's u8 x s8 kernels sum pairs of
+    products in 16 bits, which saturates with 8-bit weights; 7-bit weights (``reduce_range``) do not.
+    Measured on such a host: mean int8-vs-fp32 cosine 0.898 with 8-bit weights, against 0.970 on a
+    VNNI host. Unknown (no cpuinfo, not x86): False."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return False
+    if not flags or "avx2" not in flags:
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
 
 
 def calibration_digest(calibration: np.ndarray) -> str:

@@ -176,7 +176,7 @@ def test_int8_cache_key_follows_calibration_set_and_settings(photos, embedders):
               runtime.int8_cache_key("other-fp32", digest, QuantSettings(), "1.0"),
               runtime.int8_cache_key("fp32", digest, QuantSettings(), "1.1"),
               *(runtime.int8_cache_key("fp32", digest, s, "1.0") for s in (
-                  QuantSettings(per_channel=False), QuantSettings(reduce_range=True), QuantSettings(method="entropy"),
+                  QuantSettings(per_channel=False), QuantSettings(reduce_range=not QuantSettings().reduce_range), QuantSettings(method="entropy"),
                   QuantSettings(method="percentile", percentile=99.9), QuantSettings(float_last_blocks=1),
                   QuantSettings(float_first_conv=True), QuantSettings(float_depthwise=True),
                   QuantSettings(activations="int8"), QuantSettings(symmetric_activations=True)))]
@@ -192,3 +192,16 @@ def test_bad_settings_and_missing_calibration_are_clear_errors():
         load_embedder(None, device="cpu", runtime="int8", calibration=[])
     with pytest.raises(BadInput, match="chunk"):
         calibration_ranges(b"", np.zeros((1, 3, 8, 8), np.float32), chunk=0)
+
+
+@pytest.mark.parametrize("flags, lacks", [("fpu avx2 fma", True), ("fpu avx2 avx512f avx512_vnni", False),
+                                          ("fpu avx2 avx_vnni", False), ("fp asimd", False)])
+def test_reduce_range_is_resolved_from_the_cpus_vnni_support(tmp_path, flags, lacks):
+    from embed.quantize import cpu_lacks_vnni
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_lacks_vnni(str(info)) is lacks
+    assert cpu_lacks_vnni(str(tmp_path / "missing")) is False
+    assert QuantSettings().reduce_range is cpu_lacks_vnni()
+    assert QuantSettings(reduce_range=False).reduce_range is False

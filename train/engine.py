@@ -81,9 +81,8 @@ class TrainConfig:
     detector_image_size: int = 320
     heldout_fraction: float = 0.25  # used only when the catalog has no split.json
     max_products: int | None = None  # train on at most this many train products (smoke tests)
-    # Category transfer (train/transfer.py; bench_train_sweep.py embedder, 4 epochs from [14:], 24 views):
-    # held-out R@1 / Fashion-MNIST P@1 0.939 / 0.739 from the fixed head; whitened head 0.939 / 0.772;
-    # + transfer weight 1: 0.939 / 0.792; weight 4: 0.946 / 0.800 (the pretrained trunk: 0.785).
+    # Category transfer (train/transfer.py; bench_train_sweep.py, held-out R@1 / Fashion-MNIST P@1): fixed head
+    # 0.939 / 0.739, whitened 0.939 / 0.772, + weight 1 0.939 / 0.792, + weight 4 0.946 / 0.800 (pretrained 0.785).
     head_init: str = "whitened"
     transfer_weight: float = 4.0
 
@@ -128,11 +127,8 @@ def _progress(total: int | None, desc: str, unit: str, enabled: bool | None) -> 
 
 
 def _nhwc(cached: torch.Tensor) -> torch.Tensor:
-    """A cached float16 map as the float32 channels_last tensor the learning blocks run fastest on.
-
-    oneDNN's convolutions are ~1.2x faster per training step in channels_last
-    than in NCHW on these maps (2-core CPU, detector batch of 16).
-    """
+    """A cached float16 map as the float32 channels_last tensor the learning blocks run fastest on: oneDNN's
+    convolutions are ~1.2x faster per training step in channels_last than in NCHW (2-core CPU, detector batch 16)."""
     return cached.to(torch.float32, memory_format=torch.channels_last)
 
 
@@ -146,8 +142,7 @@ class ViewCache:
     def __init__(self, features: torch.Tensor, labels: np.ndarray):
         if len(features) != len(labels):
             raise BadInput(f"{len(features)} cached maps but {len(labels)} labels")
-        self.features, self.labels = features, np.asarray(labels, dtype=np.int64)
-        self.teacher: torch.Tensor | None = None
+        self.features, self.labels, self.teacher = features, np.asarray(labels, dtype=np.int64), None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -172,8 +167,8 @@ class EmbedderStage:
              {"params": list(net.head.parameters()), "lr": config.embed_lr, "base_lr": config.embed_lr}],
             weight_decay=config.weight_decay,
         )
-        wants_teacher = config.transfer_weight > 0 or config.head_init == "whitened"
-        self.teacher = TransferTeacher(net.config.backbone, split, net.config.dim, net.config.gem_p) if wants_teacher else None
+        self.teacher = (TransferTeacher(net.config.backbone, split, net.config.dim, net.config.gem_p)
+                        if config.transfer_weight > 0 or config.head_init == "whitened" else None)
 
     def start(self, cache: ViewCache) -> None:
         """Before the first epoch: the teacher's vectors of ``cache`` and, with ``head_init='whitened'``, the head's start."""
@@ -184,8 +179,7 @@ class EmbedderStage:
             self.teacher.init_projection(self.net.head.projection)
 
     def teacher_vectors(self, cache: ViewCache) -> torch.Tensor:
-        if cache.teacher is None:
-            cache.teacher = self.teacher.vectors(cache.features)
+        cache.teacher = cache.teacher if cache.teacher is not None else self.teacher.vectors(cache.features)
         return cache.teacher
 
     def cache(self, labelled_images, total: int | None = None, progress: bool | None = None, batch: int = 32) -> ViewCache:
@@ -236,8 +230,7 @@ class EmbedderStage:
             embeddings = self.embed_maps(cache.features[index])
             loss = self.loss(embeddings, torch.from_numpy(cache.labels[indices]))
             if self.config.transfer_weight > 0:
-                teacher = self.teacher_vectors(cache)[index]
-                loss = loss + self.config.transfer_weight * similarity_preserving_loss(embeddings, teacher)
+                loss = loss + self.config.transfer_weight * similarity_preserving_loss(embeddings, self.teacher_vectors(cache)[index])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -436,8 +429,7 @@ class TrainingRun:
 
     @classmethod
     def fresh(cls, config: TrainConfig, weights=None) -> TrainingRun:
-        """ImageNet trunks; the embedder's head starts from the fixed projection (``head_init='whitened'``:
-        ``EmbedderStage.start`` replaces it with the whitening fitted on the training views)."""
+        """ImageNet trunks; the fixed projection, which ``EmbedderStage.start`` may whiten (``head_init``)."""
         torch.manual_seed(config.seed)
         net = EmbeddingNet.pretrained(EmbedderConfig(image_size=config.image_size, projection_bn=False), weights)
         detector = ProductDetector.pretrained(DetectorConfig(image_size=config.detector_image_size), weights) if config.detector else None
