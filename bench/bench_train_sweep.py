@@ -386,7 +386,7 @@ def run_embedder(args, runs: list[Run], ss, save) -> list[dict]:
         history, train_s, eval_s = timed_epochs(run.spec, conf, stage, train, partial(recall_metrics, validation, stage),
                                                 recall_line)
         tta = flip_tta_recall(stage, validation, maps)
-        fashion = fashion_mnist(net, stage.preprocess, args.fashion_mnist)
+        fashion = fashion_mnist(net, args.fashion_mnist)
         last = history[-1]
         rows.append({"spec": run.spec, "config": conf.to_dict(), "train_views": len(train),
                      "recall@1": last["recall@1"], "recall@5": last["recall@5"], "recall@10": last["recall@10"],
@@ -398,19 +398,16 @@ def run_embedder(args, runs: list[Run], ss, save) -> list[dict]:
     return rows
 
 
-def fashion_mnist(net, preprocess, n: int, batch: int = 64) -> float | None:
-    """Category transfer of the trained network: Fashion-MNIST P@1 on ``n`` seeded test images (None when n is 0)."""
+def fashion_mnist(net, n: int) -> float | None:
+    """Category transfer of the trained network: Fashion-MNIST P@1 on ``n`` seeded test images (None when n is 0),
+    embedded as ``imgsearch embed`` embeds (``embed.pipeline.Embedder``, eager torch: the network as trained)."""
+    from embed.pipeline import Embedder
     from train.evaluate import fashion_mnist_p_at_1
 
     if not n:
         return None
-    net.eval()
-
-    def embed(images: list) -> np.ndarray:
-        with torch.inference_mode():
-            return np.concatenate([net(preprocess(images[a:a + batch])).numpy() for a in range(0, len(images), batch)])
-
-    return round(fashion_mnist_p_at_1(embed, n=n)["embedding"], 4)
+    embedder = Embedder(net, model_hash="sweep-run", device="cpu", runtime="eager")
+    return round(fashion_mnist_p_at_1(embedder.embed, n=n)["embedding"], 4)
 
 
 def recall_metrics(validation, stage) -> dict[str, float]:

@@ -24,6 +24,7 @@ for that reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from dataclasses import asdict, dataclass
@@ -67,6 +68,7 @@ class QuantSettings:
         return asdict(self) | {"format": QUANTIZE_FORMAT, "chunk": CALIBRATION_CHUNK}
 
 
+@functools.lru_cache(maxsize=4)  # every QuantSettings() asks; the CPU does not change
 def cpu_lacks_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """True on an x86 CPU without VNNI (AVX2 only). There ONNX Runtime's u8 x s8 kernels sum pairs of
     products in 16 bits, which saturates with 8-bit weights; 7-bit weights (``reduce_range``) do not.
