@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from train.frozen import prefetched
+from train.frozen import mapped_in_order, prefetched
 
 
 def test_yields_every_item_in_order_even_past_the_buffer_depth():
@@ -75,3 +75,29 @@ def test_frozen_prefix_runs_onnx_and_matches_eager(tmp_path, monkeypatch):
             assert g.dtype == torch.float16 and g.shape == w.shape
             torch.testing.assert_close(g.float(), w.float(), rtol=2e-3, atol=2e-3)
     assert len(list(tmp_path.glob("test-prefix-*.onnx"))) == 2  # exported once each, cached
+
+
+def test_mapped_in_order_keeps_task_order_whatever_finishes_first():
+    import time
+
+    def slow_for_even(i: int) -> int:
+        time.sleep(0.002 if i % 2 == 0 else 0.0)
+        return i * i
+
+    assert list(mapped_in_order(slow_for_even, range(50), workers=2, ahead=4)) == [i * i for i in range(50)]
+
+
+def test_mapped_in_order_raises_the_task_error_and_stops_early():
+    started = []
+
+    def fn(i: int) -> int:
+        started.append(i)
+        if i == 3:
+            raise ValueError("task 3 failed")
+        return i
+
+    stream = mapped_in_order(fn, range(1000), workers=2, ahead=4)
+    with pytest.raises(ValueError, match="task 3 failed"):
+        list(stream)
+    assert len(started) < 20  # the tasks after the failure were never run
+

@@ -21,6 +21,7 @@ from embed.pipeline import crop_with_margin
 from imgsearch import sample_data
 from imgsearch.errors import BadInput
 from train.engine import TrainConfig, TrainingRun, ValidationCache, ViewCache
+from train.frozen import mapped_in_order
 from train.evaluate import RetrievalSet
 from train.options import build_parser
 from train.training_data import CatalogRow, Split, product_cutout, read_catalog, resolve_split, studio_scene
@@ -65,34 +66,40 @@ class TrainingData:
         return sum(len(self.rows_of(p)) + self.config.shopper_views for p in self.train_products)
 
     def labelled_views(self):
-        """(label, image): each train product's catalog shot(s), then its shopper crops."""
-        makers = ViewMaker()
+        """(label, image): each train product's catalog shot(s), then its shopper crops; rendered by two threads."""
         backgrounds = sample_data.list_backgrounds()
-        for label, product_id in enumerate(self.train_products):
+
+        def product_views(labelled: tuple[int, str]) -> list[tuple[int, Image.Image]]:
+            label, product_id = labelled
             rows = self.rows_of(product_id)
-            for row in rows:
-                yield label, _open_rgb(row.image)
+            views = [(label, _open_rgb(row.image)) for row in rows]
             cutout = product_cutout(rows[0])
             rng = np.random.default_rng([self.config.seed, 0x7669, sample_data.stable_hash(product_id)])
-            for _ in range(self.config.shopper_views):
-                yield label, makers.shopper_view(cutout, rng, backgrounds)
+            views.extend((label, ViewMaker().shopper_view(cutout, rng, backgrounds)) for _ in range(self.config.shopper_views))
+            return views
+
+        for views in mapped_in_order(product_views, enumerate(self.train_products)):
+            yield from views
 
     def scenes(self):
         """(scene, boxes) pairs: 1-2 TRAIN products in real photos, and (``studio_scenes`` of them) a
-        TRAIN product's own catalog shot, where the product fills the frame."""
+        TRAIN product's own catalog shot, where the product fills the frame. Scene i draws from its own
+        seeded stream, so two threads render them and the scenes do not depend on which ran it."""
         maker = SceneMaker()
         backgrounds = sample_data.list_backgrounds()
-        rng = np.random.default_rng([self.config.seed, 0x5CE])
         first_rows = [self.rows_of(p)[0] for p in self.train_products]
-        for _ in range(self.config.scenes):
+
+        def scene(i: int):
+            rng = np.random.default_rng([self.config.seed, 0x5CE, i])
             if rng.random() < self.config.studio_scenes:
                 row = first_rows[int(rng.integers(len(first_rows)))]
-                yield studio_scene(_open_rgb(row.image), rng)
-                continue
+                return studio_scene(_open_rgb(row.image), rng)
             count = int(rng.integers(1, maker.max_products + 1))
             picks = rng.choice(len(first_rows), size=min(count, len(first_rows)), replace=False)
-            cutouts = [product_cutout(first_rows[i], max_side=320) for i in picks]
-            yield sample_data.make_scene(cutouts, backgrounds, rng, style=maker.style)
+            cutouts = [product_cutout(first_rows[k], max_side=320) for k in picks]
+            return sample_data.make_scene(cutouts, backgrounds, rng, style=maker.style)
+
+        yield from mapped_in_order(scene, range(self.config.scenes), ahead=32)
 
     def retrieval_set(self) -> RetrievalSet | None:
         """Held-out queries: the sample set's queries.jsonl when it sits next to the catalog, else synthetic shopper photos."""
