@@ -21,8 +21,8 @@ from embed.pipeline import crop_with_margin
 from imgsearch import sample_data
 from imgsearch.errors import BadInput
 from train.engine import TrainConfig, TrainingRun, ValidationCache, ViewCache
-from train.frozen import mapped_in_order
 from train.evaluate import RetrievalSet
+from train.frozen import mapped_in_order
 from train.options import build_parser
 from train.training_data import CatalogRow, Split, product_cutout, read_catalog, resolve_split, studio_scene
 from train.views import SceneMaker, ViewMaker
