@@ -100,4 +100,3 @@ def test_mapped_in_order_raises_the_task_error_and_stops_early():
     with pytest.raises(ValueError, match="task 3 failed"):
         list(stream)
     assert len(started) < 20  # the tasks after the failure were never run
-

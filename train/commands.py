@@ -67,6 +67,7 @@ class TrainingData:
 
     def labelled_views(self):
         """(label, image): each train product's catalog shot(s), then its shopper crops; rendered by two threads."""
+        maker = ViewMaker()
         backgrounds = sample_data.list_backgrounds()
 
         def product_views(labelled: tuple[int, str]) -> list[tuple[int, Image.Image]]:
@@ -75,7 +76,7 @@ class TrainingData:
             views = [(label, _open_rgb(row.image)) for row in rows]
             cutout = product_cutout(rows[0])
             rng = np.random.default_rng([self.config.seed, 0x7669, sample_data.stable_hash(product_id)])
-            views.extend((label, ViewMaker().shopper_view(cutout, rng, backgrounds)) for _ in range(self.config.shopper_views))
+            views.extend((label, maker.shopper_view(cutout, rng, backgrounds)) for _ in range(self.config.shopper_views))
             return views
 
         for views in mapped_in_order(product_views, enumerate(self.train_products)):
